@@ -52,6 +52,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"net/url"
@@ -531,7 +532,8 @@ type Notification struct {
 	EntityID   int64
 	UserID     int64
 	HasUser    bool   // false: "user_id" is null
-	Frame      []byte // the JSON text frame, encoded once for all recipients
+	JSON       []byte // the notification as JSON text
+	Frame      []byte // JSON as a complete WebSocket frame, encoded once for all recipients
 }
 
 // parseNotification validates a NOTIFY payload: a JSON object with a string
@@ -585,7 +587,8 @@ func parseNotification(channel, payload string, now time.Time) (*Notification, e
 	b = append(b, `,"timestamp":"`...)
 	b = now.UTC().AppendFormat(b, "2006-01-02T15:04:05.000000Z07:00")
 	b = append(b, `"}`...)
-	n.Frame = b
+	n.Frame = encodeFrame(websocket.TextFrame, b)
+	n.JSON = n.Frame[len(n.Frame)-len(b):]
 	return n, nil
 }
 
@@ -736,7 +739,7 @@ func (h *Hub) register(c *Client) bool {
 	}
 	h.clients[c] = struct{}{}
 	h.live.Add(1)
-	c.send(fmt.Appendf(nil, `{"type":"welcome","client_id":%q,"message":%q}`, c.id, welcomeText))
+	c.send(encodeFrame(websocket.TextFrame, fmt.Appendf(nil, `{"type":"welcome","client_id":%q,"message":%q}`, c.id, welcomeText)))
 	return true
 }
 
@@ -771,7 +774,7 @@ func (h *Hub) subscribe(c *Client, f Filter, reply []byte) error {
 		h.subs++
 	}
 	if reply != nil {
-		h.sendLocked(c, reply)
+		c.send(reply)
 	}
 	return nil
 }
@@ -785,7 +788,7 @@ func (h *Hub) unsubscribe(c *Client, f Filter, reply []byte) {
 		h.subs--
 	}
 	if reply != nil {
-		h.sendLocked(c, reply)
+		c.send(reply)
 	}
 }
 
@@ -809,7 +812,7 @@ func (h *Hub) dispatch(n *Notification) {
 				continue
 			}
 			c.seen = h.seq
-			if h.sendLocked(c, n.Frame) {
+			if c.send(n.Frame) {
 				queued++
 			}
 		}
@@ -822,19 +825,8 @@ func (h *Hub) broadcast(frame []byte) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for c := range h.clients {
-		h.sendLocked(c, frame)
+		c.send(frame)
 	}
-}
-
-// sendLocked queues frame to c, closing c as a slow consumer when its queue is full.
-func (h *Hub) sendLocked(c *Client, frame []byte) bool {
-	if c.send(frame) {
-		return true
-	}
-	if c.closeWith(1013, "slow consumer") {
-		h.stats.SlowConsumers.Add(1)
-	}
-	return false
 }
 
 // counts reports connected clients and their subscriptions.
@@ -848,7 +840,7 @@ func (h *Hub) counts() (clients, subs int) {
 func (h *Hub) send(c *Client, frame []byte) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	h.sendLocked(c, frame)
+	c.send(frame)
 }
 
 // reserve takes one of max connection slots; release gives it back.
@@ -897,65 +889,86 @@ func (h *Hub) wait(ctx context.Context) error {
 	}
 }
 
-// Client is one WebSocket connection. Only its writer goroutine writes to ws;
-// its handler goroutine is the only reader.
+// Client is one WebSocket connection. Its handler goroutine is the only reader
+// of ws. Frames go out through the queue: the writer goroutine (flush), which
+// runs only while the queue is non-empty, is the only one that writes them.
 type Client struct {
 	id    string
 	ws    *websocket.Conn
-	conn  *trackedConn // the socket under ws: read activity and forced close
-	limit int          // queue capacity
+	conn  *trackedConn // the socket under ws: read activity, raw writes, forced close
+	stats *Stats
 
 	filters []Filter // guarded by Hub.mu
 	seen    uint64   // guarded by Hub.mu; see Hub.seq
 
+	limit        int           // queue capacity
+	pingInterval time.Duration // also the keep-alive unit: silent for two intervals means dead
+	writeTimeout time.Duration
+	pinger       *time.Timer
+	lastReads    uint64 // conn.reads at the last ping; only the pinger's callback uses it
+	silent       int    // pings in a row with nothing read; only the pinger's callback uses it
+
 	mu          sync.Mutex
-	queue       [][]byte // frames waiting for the writer, at most limit; guarded by mu
+	queue       [][]byte // complete frames waiting for the writer, at most limit; guarded by mu
+	spare       [][]byte // the writer's previous batch, reused as the next queue; guarded by mu
+	writing     bool     // a writer goroutine is running; guarded by mu
 	closeCode   int      // guarded by mu; 0 means close without a close frame
 	closeReason string   // guarded by mu
 	closing     atomic.Bool
-
-	wake chan struct{} // capacity 1: the writer has something to do
+	done        chan struct{} // closed when the writer has sent the close frame and half-closed
 }
 
 var clientSeq atomic.Uint64 // process-wide, for client_N ids
 
-func newClient(ws *websocket.Conn, conn *trackedConn, limit int) *Client {
-	return &Client{
-		id:    "client_" + strconv.FormatUint(clientSeq.Add(1), 10),
-		ws:    ws,
-		conn:  conn,
-		limit: limit,
-		wake:  make(chan struct{}, 1),
+func newClient(ws *websocket.Conn, conn *trackedConn, stats *Stats, cfg NotifierConfig) *Client {
+	c := &Client{
+		id:           "client_" + strconv.FormatUint(clientSeq.Add(1), 10),
+		ws:           ws,
+		conn:         conn,
+		stats:        stats,
+		limit:        cfg.ClientQueue,
+		pingInterval: cfg.PingInterval,
+		writeTimeout: cfg.WriteTimeout,
+		done:         make(chan struct{}),
 	}
+	c.lastReads = conn.reads.Load()
+	c.pinger = time.AfterFunc(time.Duration(math.MaxInt64), c.ping) // armed below, once c.pinger is set
+	c.pinger.Reset(c.pingInterval)
+	return c
 }
 
-// send queues frame without blocking; false when the queue is full. A closing
-// client accepts and drops everything.
+// send queues a complete frame without blocking. A client whose queue is full
+// is closed as a slow consumer and send reports false; a closing client drops
+// frames silently.
 func (c *Client) send(frame []byte) bool {
 	c.mu.Lock()
 	if c.closing.Load() {
 		c.mu.Unlock()
-		return true
+		return false
 	}
 	if len(c.queue) >= c.limit {
 		c.mu.Unlock()
+		if c.closeWith(1013, "slow consumer") {
+			c.stats.SlowConsumers.Add(1)
+		}
 		return false
 	}
 	c.queue = append(c.queue, frame)
+	c.startWriterLocked()
 	c.mu.Unlock()
-	c.signal()
 	return true
 }
 
-func (c *Client) signal() {
-	select {
-	case c.wake <- struct{}{}:
-	default:
+func (c *Client) startWriterLocked() {
+	if !c.writing {
+		c.writing = true
+		go c.flush()
 	}
 }
 
-// closeWith asks the writer to send a close frame and end the connection. Only
-// the first call counts; it reports whether this was it. It never blocks.
+// closeWith asks the writer to send a close frame and end the connection;
+// queued frames are dropped. Only the first call counts; it reports whether
+// this was it. It never blocks.
 func (c *Client) closeWith(code int, reason string) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -965,77 +978,103 @@ func (c *Client) closeWith(code int, reason string) bool {
 	c.closeCode, c.closeReason = code, reason
 	c.queue = nil
 	c.closing.Store(true)
-	c.signal()
+	c.startWriterLocked()
 	return true
 }
 
-// writeLoop is the writer goroutine: it drains the queue, pings on every
-// interval, closes a peer that has been silent for two intervals, and finally
-// writes the close frame.
-func (c *Client) writeLoop(pingInterval, writeTimeout time.Duration) {
-	ticker := time.NewTicker(pingInterval)
-	defer ticker.Stop()
-	var spare [][]byte
-	lastReads, silent := c.conn.reads.Load(), 0
-	for !c.closing.Load() {
-		select {
-		case <-c.wake:
-			c.mu.Lock()
-			batch := c.queue
-			c.queue = spare
-			c.mu.Unlock()
-			for _, frame := range batch {
-				if !c.write(websocket.TextFrame, frame, writeTimeout) {
-					break
-				}
-			}
-			clear(batch) // drop references so frames can be collected
-			spare = batch[:0]
-		case <-ticker.C:
-			if reads := c.conn.reads.Load(); reads != lastReads {
-				lastReads, silent = reads, 0
-			} else if silent++; silent >= 2 {
-				c.closeWith(1001, "keep-alive timeout")
-				break
-			}
-			c.write(websocket.PingFrame, nil, writeTimeout)
-		}
+// ping runs on the pinger's timer: it closes a peer from which nothing has
+// arrived for two intervals (x/net/websocket swallows pongs, so any byte read
+// counts), else queues a ping frame.
+func (c *Client) ping() {
+	if c.closing.Load() {
+		return
 	}
-	c.mu.Lock()
-	code, reason := c.closeCode, c.closeReason
-	c.mu.Unlock()
+	if reads := c.conn.reads.Load(); reads != c.lastReads {
+		c.lastReads, c.silent = reads, 0
+	} else if c.silent++; c.silent >= 2 {
+		c.closeWith(1001, "keep-alive timeout")
+		return
+	}
+	if c.send(pingFrame) {
+		c.pinger.Reset(c.pingInterval)
+	}
+}
+
+// flush is the writer goroutine: it writes queued frames in batches, one
+// writev per batch, until the queue is empty; once the client is closing it
+// writes the close frame instead, half-closes and exits for good.
+func (c *Client) flush() {
+	for {
+		c.mu.Lock()
+		if c.closing.Load() {
+			code, reason := c.closeCode, c.closeReason
+			c.mu.Unlock()
+			c.finish(code, reason)
+			return
+		}
+		batch := c.queue
+		if len(batch) == 0 {
+			c.writing = false
+			c.mu.Unlock()
+			return
+		}
+		c.queue = c.spare
+		c.mu.Unlock()
+
+		c.conn.SetWriteDeadline(time.Now().Add(c.writeTimeout))
+		if err := c.conn.writeFrames(batch); err != nil {
+			c.closeWith(0, "") // a frame may be cut in half: no close frame can follow
+		}
+		clear(batch) // drop references so frames can be collected
+		c.mu.Lock()
+		c.spare = batch[:0]
+		c.mu.Unlock()
+	}
+}
+
+// finish sends the close frame (unless code is 0), half-closes so the peer
+// sees it before the socket goes, and bounds the wait for the peer's reply.
+func (c *Client) finish(code int, reason string) {
+	c.pinger.Stop()
 	if code != 0 {
 		msg := binary.BigEndian.AppendUint16(nil, uint16(code))
 		msg = append(msg, reason[:min(len(reason), maxCloseReason)]...)
-		c.ws.SetWriteDeadline(time.Now().Add(closeGrace))
-		c.ws.PayloadType = websocket.CloseFrame
-		c.ws.Write(msg)
+		c.conn.SetWriteDeadline(time.Now().Add(closeGrace))
+		c.conn.writeFrames([][]byte{encodeFrame(websocket.CloseFrame, msg)})
 	}
-	// Half-close so the peer sees our close frame before the socket goes, and
-	// bound the wait for its reply.
 	c.conn.CloseWrite()
-	c.ws.SetReadDeadline(time.Now().Add(closeGrace))
+	c.conn.SetReadDeadline(time.Now().Add(closeGrace))
+	close(c.done)
 }
 
-// write sends one frame; on failure the connection is closed without a close frame.
-func (c *Client) write(kind byte, frame []byte, timeout time.Duration) bool {
-	c.ws.SetWriteDeadline(time.Now().Add(timeout))
-	if c.closing.Load() {
-		return false
+// encodeFrame returns payload as one unmasked server-to-client WebSocket frame
+// (RFC 6455 section 5.2). Frames are encoded once and written as they are.
+func encodeFrame(opcode byte, payload []byte) []byte {
+	n := len(payload)
+	b := make([]byte, 0, n+10)
+	b = append(b, 0x80|opcode) // FIN + opcode
+	switch {
+	case n <= 125:
+		b = append(b, byte(n))
+	case n <= 0xffff:
+		b = append(b, 126)
+		b = binary.BigEndian.AppendUint16(b, uint16(n))
+	default:
+		b = append(b, 127)
+		b = binary.BigEndian.AppendUint64(b, uint64(n))
 	}
-	c.ws.PayloadType = kind
-	if _, err := c.ws.Write(frame); err != nil {
-		c.closeWith(0, "")
-		return false
-	}
-	return true
+	return append(b, payload...)
 }
 
-// trackedConn counts reads on a server socket: x/net/websocket swallows pong
-// frames, so "bytes arrived" is the liveness signal.
+var pingFrame = encodeFrame(websocket.PingFrame, nil)
+
+// trackedConn is a server socket that counts reads (the keep-alive signal) and
+// serializes writes: the writer's batches and x/net/websocket's own pong and
+// close frames (each a single Write) never interleave.
 type trackedConn struct {
 	net.Conn
 	reads atomic.Uint64
+	wmu   sync.Mutex
 }
 
 func (c *trackedConn) Read(p []byte) (int, error) {
@@ -1044,6 +1083,22 @@ func (c *trackedConn) Read(p []byte) (int, error) {
 		c.reads.Add(1)
 	}
 	return n, err
+}
+
+func (c *trackedConn) Write(p []byte) (int, error) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	return c.Conn.Write(p)
+}
+
+// writeFrames writes complete frames with as few system calls as the kernel
+// allows (writev on TCP).
+func (c *trackedConn) writeFrames(frames [][]byte) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	bufs := net.Buffers(frames)
+	_, err := bufs.WriteTo(c.Conn)
+	return err
 }
 
 func (c *trackedConn) CloseWrite() error {
@@ -1183,7 +1238,7 @@ func (s *Service) resync(reason string) {
 	s.log.Warn("telling clients to resync", "reason", reason)
 	frame := fmt.Appendf(nil, `{"type":"resync","notification_type":"resync","reason":%q,"payload":{},"timestamp":%q}`,
 		reason, time.Now().UTC().Format("2006-01-02T15:04:05.000000Z07:00"))
-	s.hub.broadcast(frame)
+	s.hub.broadcast(encodeFrame(websocket.TextFrame, frame))
 }
 
 // watchListener pings the listener; a ping that hangs means a silently dead
@@ -1329,7 +1384,7 @@ func (s *Service) serveWS(w http.ResponseWriter, r *http.Request, ws websocket.S
 	ws.ServeHTTP(w, r)
 }
 
-// serveClient runs one WebSocket connection: it is the reader; writeLoop is the writer.
+// serveClient runs one WebSocket connection: it is the reader; Client.flush is the writer.
 func (s *Service) serveClient(ws *websocket.Conn) {
 	conn, _ := ws.Request().Context().Value(connKey{}).(*trackedConn)
 	if conn == nil { // not served through trackingListener: a programming error
@@ -1337,20 +1392,15 @@ func (s *Service) serveClient(ws *websocket.Conn) {
 		return
 	}
 	ws.MaxPayloadBytes = s.cfg.Notifier.MaxMessageBytes
-	c := newClient(ws, conn, s.cfg.Notifier.ClientQueue)
+	c := newClient(ws, conn, &s.stats, s.cfg.Notifier)
 	if !s.hub.register(c) {
 		c.closeWith(1001, "server shutting down")
-		c.writeLoop(s.cfg.Notifier.PingInterval, s.cfg.Notifier.WriteTimeout)
+		<-c.done
 		return
 	}
 	defer s.hub.unregister(c)
 	log := s.log.With("client_id", c.id, "remote", ws.Request().RemoteAddr)
 	log.Debug("client connected")
-	writerDone := make(chan struct{})
-	go func() {
-		defer close(writerDone)
-		c.writeLoop(s.cfg.Notifier.PingInterval, s.cfg.Notifier.WriteTimeout)
-	}()
 
 	for {
 		var m frameIn
@@ -1370,7 +1420,7 @@ func (s *Service) serveClient(ws *websocket.Conn) {
 			c.closeWith(1000, "")
 		}
 	}
-	<-writerDone
+	<-c.done // the writer has finished; x/net/websocket closes the socket when we return
 	log.Debug("client disconnected")
 }
 
@@ -1402,9 +1452,9 @@ type reply struct {
 	Message string          `json:"message,omitempty"`
 }
 
-func (r reply) encode() []byte {
+func (r reply) frame() []byte {
 	b, _ := json.Marshal(r)
-	return b
+	return encodeFrame(websocket.TextFrame, b)
 }
 
 // handleMessage applies one client message, answering errors with an error frame.
@@ -1415,7 +1465,7 @@ func (s *Service) handleMessage(c *Client, in frameIn) {
 		if f, err = ParseFilter(filter); err == nil {
 			var ack []byte
 			if msg.id != nil {
-				ack = reply{Type: msg.kind + "d", ID: msg.id, Filter: filter}.encode()
+				ack = reply{Type: msg.kind + "d", ID: msg.id, Filter: filter}.frame()
 			}
 			if msg.kind == "subscribe" {
 				if err = s.hub.subscribe(c, f, ack); errors.Is(err, errTooManySubscriptions) {
@@ -1426,11 +1476,11 @@ func (s *Service) handleMessage(c *Client, in frameIn) {
 			}
 		}
 	} else if err == nil && msg.id != nil { // ping
-		s.hub.send(c, reply{Type: "pong", ID: msg.id}.encode())
+		s.hub.send(c, reply{Type: "pong", ID: msg.id}.frame())
 	}
 	if err != nil {
 		s.stats.ClientErrors.Add(1)
-		s.hub.send(c, reply{Type: "error", ID: msg.id, Message: err.Error()}.encode())
+		s.hub.send(c, reply{Type: "error", ID: msg.id, Message: err.Error()}.frame())
 	}
 }
 
