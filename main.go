@@ -43,6 +43,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/binary"
@@ -78,6 +79,9 @@ import (
 const (
 	closeGrace         = 2 * time.Second  // for writing a close frame and waiting for the peer's reply
 	healthcheckTimeout = 3 * time.Second  // --healthcheck gives up after this
+	idleQueueCap       = 16               // queue slots an idle client keeps allocated
+	wsReadBuffer       = 512              // x/net/websocket's read buffer per connection (client messages are small)
+	wsWriteBuffer      = 256              // its write buffer: handshake response, pongs, protocol-error closes
 	listenerPingEvery  = 15 * time.Second // how often the database listener is pinged (see watchListener)
 	logPayloadBytes    = 200              // how much of a bad NOTIFY payload is logged
 	maxCloseReason     = 123              // RFC 6455: a close frame's reason fits in 125 bytes with the code
@@ -421,6 +425,10 @@ func newLogger(c LogConfig, w io.Writer) *slog.Logger {
 
 var dsnPassword = regexp.MustCompile(`(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)`)
 
+// urlPassword is the password of a URL's userinfo as written (percent-encoded,
+// or in a URL too broken for url.Parse).
+var urlPassword = regexp.MustCompile(`(://[^:/?#@\s"]*:)[^?#\s"]*@`)
+
 // redactDSN hides the password of dsn inside s (s may be dsn itself, or an
 // error message that quotes it).
 func redactDSN(s, dsn string) string {
@@ -433,6 +441,7 @@ func redactDSN(s, dsn string) string {
 	if password != "" {
 		s = strings.ReplaceAll(s, password, "xxxxx")
 	}
+	s = urlPassword.ReplaceAllString(s, "${1}xxxxx@")
 	return dsnPassword.ReplaceAllString(s, "${1}xxxxx")
 }
 
@@ -538,58 +547,164 @@ type Notification struct {
 
 // parseNotification validates a NOTIFY payload: a JSON object with a string
 // "entity_type" and an integer "entity_id"; "user_id" is used when it is an
-// integer. The payload is embedded unchanged.
+// integer. The payload is embedded unchanged. This is the ingest hot path:
+// json.Valid checks the whole payload without allocating, then topLevelFields
+// picks the three fields out of it.
 func parseNotification(channel, payload string, now time.Time) (*Notification, error) {
 	raw := bytes.TrimSpace([]byte(payload))
 	if len(raw) == 0 || raw[0] != '{' {
 		return nil, errors.New("payload is not a JSON object")
 	}
+	if !json.Valid(raw) {
+		return nil, errors.New("payload is not valid JSON")
+	}
 	if !utf8.Valid(raw) {
 		return nil, errors.New("payload is not valid UTF-8")
 	}
-	var fields struct {
-		EntityType json.RawMessage `json:"entity_type"`
-		EntityID   json.RawMessage `json:"entity_id"`
-		UserID     json.RawMessage `json:"user_id"`
-	}
-	if err := json.Unmarshal(raw, &fields); err != nil {
-		return nil, fmt.Errorf("payload is not valid JSON: %v", err)
-	}
+	entityType, entityID, userID := topLevelFields(raw)
 	n := &Notification{Type: channel}
-	if len(fields.EntityType) == 0 || fields.EntityType[0] != '"' {
+	if len(entityType) == 0 || entityType[0] != '"' {
 		return nil, errors.New(`payload has no string "entity_type"`)
 	}
-	if err := json.Unmarshal(fields.EntityType, &n.EntityType); err != nil {
+	if bytes.IndexByte(entityType, '\\') < 0 {
+		n.EntityType = string(entityType[1 : len(entityType)-1])
+	} else if err := json.Unmarshal(entityType, &n.EntityType); err != nil {
 		return nil, fmt.Errorf(`payload "entity_type": %v`, err)
 	}
-	id, ok := parseInteger(fields.EntityID)
+	id, ok := parseInteger(entityID)
 	if !ok {
 		return nil, errors.New(`payload has no integer "entity_id"`)
 	}
 	n.EntityID = id
-	userID := []byte("null")
-	if uid, ok := parseInteger(fields.UserID); ok {
-		n.UserID, n.HasUser, userID = uid, true, fields.UserID
+	if uid, ok := parseInteger(userID); ok {
+		n.UserID, n.HasUser = uid, true
+	} else {
+		userID = []byte("null")
 	}
-	channelJSON, _ := json.Marshal(channel)
 
-	b := make([]byte, 0, len(raw)+len(channelJSON)+len(fields.EntityType)+len(fields.EntityID)+len(userID)+160)
+	b := make([]byte, frameHeadroom, frameHeadroom+len(raw)+len(channel)+len(entityType)+len(entityID)+len(userID)+160)
 	b = append(b, `{"type":"notification","notification_type":`...)
-	b = append(b, channelJSON...)
+	b = appendJSONString(b, channel)
 	b = append(b, `,"entity_type":`...)
-	b = append(b, fields.EntityType...)
+	b = append(b, entityType...)
 	b = append(b, `,"entity_id":`...)
-	b = append(b, fields.EntityID...)
+	b = append(b, entityID...)
 	b = append(b, `,"user_id":`...)
 	b = append(b, userID...)
 	b = append(b, `,"payload":`...)
 	b = append(b, raw...)
 	b = append(b, `,"timestamp":"`...)
-	b = now.UTC().AppendFormat(b, "2006-01-02T15:04:05.000000Z07:00")
+	b = appendTimestamp(b, now)
 	b = append(b, `"}`...)
-	n.Frame = encodeFrame(websocket.TextFrame, b)
-	n.JSON = n.Frame[len(n.Frame)-len(b):]
+	n.JSON = b[frameHeadroom:]
+	n.Frame = putFrameHeader(b, websocket.TextFrame)
 	return n, nil
+}
+
+// topLevelFields returns the raw values of "entity_type", "entity_id" and
+// "user_id" in obj, which must be a valid JSON object (the last of duplicate
+// keys wins, as in encoding/json; keys are matched exactly).
+func topLevelFields(obj []byte) (entityType, entityID, userID []byte) {
+	i := 1 // past '{'
+	for {
+		i = skipSpace(obj, i)
+		if obj[i] == '}' {
+			return
+		}
+		keyEnd := valueEnd(obj, i)
+		key := obj[i+1 : keyEnd-1]
+		start := skipSpace(obj, skipSpace(obj, keyEnd)+1) // past ':'
+		end := valueEnd(obj, start)
+		switch string(key) {
+		case "entity_type":
+			entityType = obj[start:end]
+		case "entity_id":
+			entityID = obj[start:end]
+		case "user_id":
+			userID = obj[start:end]
+		}
+		if i = skipSpace(obj, end); obj[i] == ',' {
+			i++
+		}
+	}
+}
+
+func skipSpace(b []byte, i int) int {
+	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
+		i++
+	}
+	return i
+}
+
+// valueEnd returns the index just past the JSON value starting at b[i]; b is valid JSON.
+func valueEnd(b []byte, i int) int {
+	switch b[i] {
+	case '"':
+		for i++; b[i] != '"'; i++ {
+			if b[i] == '\\' {
+				i++
+			}
+		}
+		return i + 1
+	case '{', '[':
+		depth := 0
+		for {
+			switch b[i] {
+			case '"':
+				i = valueEnd(b, i)
+				continue
+			case '{', '[':
+				depth++
+			case '}', ']':
+				if depth--; depth == 0 {
+					return i + 1
+				}
+			}
+			i++
+		}
+	default: // number, true, false, null
+		for i < len(b) {
+			switch b[i] {
+			case ',', '}', ']', ' ', '\t', '\r', '\n':
+				return i
+			}
+			i++
+		}
+		return i
+	}
+}
+
+// appendTimestamp appends t as RFC 3339 UTC with microseconds, like
+// 2024-01-15T10:30:00.123456Z (time.AppendFormat costs 15% of parsing).
+func appendTimestamp(b []byte, t time.Time) []byte {
+	t = t.UTC()
+	year, month, day := t.Date()
+	hour, minute, second := t.Clock()
+	for _, f := range [...]struct {
+		v, width int
+		sep      byte
+	}{{year, 4, '-'}, {int(month), 2, '-'}, {day, 2, 'T'}, {hour, 2, ':'}, {minute, 2, ':'}, {second, 2, '.'}, {t.Nanosecond() / 1000, 6, 'Z'}} {
+		for d := f.width - 1; d >= 0; d-- {
+			b = append(b, byte('0'+f.v/pow10[d]%10))
+		}
+		b = append(b, f.sep)
+	}
+	return b
+}
+
+var pow10 = [...]int{1, 10, 100, 1000, 10000, 100000}
+
+// appendJSONString appends s as a JSON string; channel names rarely need escaping.
+func appendJSONString(b []byte, s string) []byte {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c == '"' || c == '\\' || c >= 0x80 {
+			q, _ := json.Marshal(s)
+			return append(b, q...)
+		}
+	}
+	b = append(b, '"')
+	b = append(b, s...)
+	return append(b, '"')
 }
 
 // parseInteger accepts a JSON number without fraction or exponent that fits in int64.
@@ -677,17 +792,17 @@ func (f Filter) String() string {
 
 // matchingFilters lists every filter that selects n: routing is a handful of
 // index look-ups, whatever the number of clients.
-func (n *Notification) matchingFilters() []Filter {
-	fs := []Filter{
-		{kind: filterAll},
-		{kind: filterEntityType, typ: n.EntityType},
-		{kind: filterEntity, typ: n.EntityType, id: n.EntityID},
-		{kind: filterNotificationType, typ: n.Type},
-	}
+func (n *Notification) matchingFilters() (fs [5]Filter, count int) {
+	fs[0] = Filter{kind: filterAll}
+	fs[1] = Filter{kind: filterEntityType, typ: n.EntityType}
+	fs[2] = Filter{kind: filterEntity, typ: n.EntityType, id: n.EntityID}
+	fs[3] = Filter{kind: filterNotificationType, typ: n.Type}
+	count = 4
 	if n.HasUser {
-		fs = append(fs, Filter{kind: filterUser, id: n.UserID})
+		fs[4] = Filter{kind: filterUser, id: n.UserID}
+		count = 5
 	}
-	return fs
+	return fs, count
 }
 
 // Stats are the service's counters, served by /stats.
@@ -806,7 +921,8 @@ func (h *Hub) dispatch(n *Notification) {
 	defer h.mu.Unlock()
 	h.seq++
 	queued := 0
-	for _, f := range n.matchingFilters() {
+	filters, count := n.matchingFilters()
+	for _, f := range filters[:count] {
 		for c := range h.index[f] {
 			if c.seen == h.seq {
 				continue
@@ -1015,6 +1131,13 @@ func (c *Client) flush() {
 		batch := c.queue
 		if len(batch) == 0 {
 			c.writing = false
+			// An idle client keeps at most small buffers: after a burst they can be large.
+			if cap(c.queue) > idleQueueCap {
+				c.queue = nil
+			}
+			if cap(c.spare) > idleQueueCap {
+				c.spare = nil
+			}
 			c.mu.Unlock()
 			return
 		}
@@ -1047,23 +1170,37 @@ func (c *Client) finish(code int, reason string) {
 	close(c.done)
 }
 
-// encodeFrame returns payload as one unmasked server-to-client WebSocket frame
-// (RFC 6455 section 5.2). Frames are encoded once and written as they are.
-func encodeFrame(opcode byte, payload []byte) []byte {
-	n := len(payload)
-	b := make([]byte, 0, n+10)
-	b = append(b, 0x80|opcode) // FIN + opcode
+// frameHeadroom is the largest WebSocket frame header: frames are built after
+// it so the header can be put in front without copying the payload.
+const frameHeadroom = 10
+
+// putFrameHeader turns b[frameHeadroom:] into one unmasked server-to-client
+// WebSocket frame (RFC 6455 section 5.2) by writing its header just before it.
+func putFrameHeader(b []byte, opcode byte) []byte {
+	n := len(b) - frameHeadroom
+	var start int
 	switch {
 	case n <= 125:
-		b = append(b, byte(n))
+		start = frameHeadroom - 2
+		b[start+1] = byte(n)
 	case n <= 0xffff:
-		b = append(b, 126)
-		b = binary.BigEndian.AppendUint16(b, uint16(n))
+		start = frameHeadroom - 4
+		b[start+1] = 126
+		binary.BigEndian.PutUint16(b[start+2:], uint16(n))
 	default:
-		b = append(b, 127)
-		b = binary.BigEndian.AppendUint64(b, uint64(n))
+		start = 0
+		b[1] = 127
+		binary.BigEndian.PutUint64(b[2:], uint64(n))
 	}
-	return append(b, payload...)
+	b[start] = 0x80 | opcode // FIN + opcode
+	return b[start:]
+}
+
+// encodeFrame returns payload as a complete frame. Frames are encoded once and
+// written as they are, to every recipient.
+func encodeFrame(opcode byte, payload []byte) []byte {
+	b := make([]byte, frameHeadroom, frameHeadroom+len(payload))
+	return putFrameHeader(append(b, payload...), opcode)
 }
 
 var pingFrame = encodeFrame(websocket.PingFrame, nil)
@@ -1236,8 +1373,8 @@ func (s *Service) ingest(channel, payload string, now time.Time) {
 func (s *Service) resync(reason string) {
 	s.stats.Resyncs.Add(1)
 	s.log.Warn("telling clients to resync", "reason", reason)
-	frame := fmt.Appendf(nil, `{"type":"resync","notification_type":"resync","reason":%q,"payload":{},"timestamp":%q}`,
-		reason, time.Now().UTC().Format("2006-01-02T15:04:05.000000Z07:00"))
+	frame := fmt.Appendf(nil, `{"type":"resync","notification_type":"resync","reason":%q,"payload":{},"timestamp":"%s"}`,
+		reason, appendTimestamp(nil, time.Now()))
 	s.hub.broadcast(encodeFrame(websocket.TextFrame, frame))
 }
 
@@ -1381,7 +1518,27 @@ func (s *Service) serveWS(w http.ResponseWriter, r *http.Request, ws websocket.S
 		return
 	}
 	defer s.hub.release()
-	ws.ServeHTTP(w, r)
+	ws.ServeHTTP(smallBuffers{w}, r)
+}
+
+// smallBuffers gives x/net/websocket small buffers when it hijacks the
+// connection: after the handshake it only reads small client messages and
+// writes pongs (our frames bypass it, see trackedConn). net/http's own 4 KiB
+// buffers stay referenced by its connection but are never touched again, which
+// saves 3 KiB of resident memory per idle connection (BenchmarkIdleConnections).
+type smallBuffers struct{ http.ResponseWriter }
+
+func (w smallBuffers) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	conn, rw, err := http.NewResponseController(w.ResponseWriter).Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	var r io.Reader = conn
+	if n := rw.Reader.Buffered(); n > 0 { // the client wrote before seeing our handshake response
+		early, _ := rw.Reader.Peek(n)
+		r = io.MultiReader(bytes.NewReader(bytes.Clone(early)), conn)
+	}
+	return conn, bufio.NewReadWriter(bufio.NewReaderSize(r, wsReadBuffer), bufio.NewWriterSize(conn, wsWriteBuffer)), nil
 }
 
 // serveClient runs one WebSocket connection: it is the reader; Client.flush is the writer.
@@ -1553,7 +1710,7 @@ func main() {
 // shutdown, 1 on a runtime failure, 2 for bad flags or configuration.
 func run(ctx context.Context, args, env []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("attune-notifier", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs.SetOutput(io.Discard) // errors and --help are printed below, once
 	configPath := fs.String("config", "", "YAML configuration `file` (default $ATTUNE_CONFIG, else ./config.notifier.yaml if present)")
 	logLevel := fs.String("log-level", "", "override log.level: debug, info, warn or error")
 	showVersion := fs.Bool("version", false, "print the version and exit")
@@ -1568,6 +1725,7 @@ func run(ctx context.Context, args, env []string, stdout, stderr io.Writer) int 
 			fs.Usage()
 			return 0
 		}
+		fmt.Fprintf(stderr, "attune-notifier: %v (see --help)\n", err)
 		return 2
 	}
 	if fs.NArg() > 0 {
