@@ -79,7 +79,6 @@ import (
 const (
 	closeGrace         = 2 * time.Second  // for writing a close frame and waiting for the peer's reply
 	healthcheckTimeout = 3 * time.Second  // --healthcheck gives up after this
-	idleQueueCap       = 16               // queue slots an idle client keeps allocated
 	wsReadBuffer       = 512              // x/net/websocket's read buffer per connection (client messages are small)
 	wsWriteBuffer      = 256              // its write buffer: handshake response, pongs, protocol-error closes
 	listenerPingEvery  = 15 * time.Second // how often the database listener is pinged (see watchListener)
@@ -1025,11 +1024,10 @@ type Client struct {
 	silent       int    // pings in a row with nothing read; only the pinger's callback uses it
 
 	mu          sync.Mutex
-	queue       [][]byte // complete frames waiting for the writer, at most limit; guarded by mu
-	spare       [][]byte // the writer's previous batch, reused as the next queue; guarded by mu
-	writing     bool     // a writer goroutine is running; guarded by mu
-	closeCode   int      // guarded by mu; 0 means close without a close frame
-	closeReason string   // guarded by mu
+	queue       *batch // complete frames waiting for the writer, at most limit; nil when empty; guarded by mu
+	writing     bool   // a writer goroutine is running; guarded by mu
+	closeCode   int    // guarded by mu; 0 means close without a close frame
+	closeReason string // guarded by mu
 	closing     atomic.Bool
 	done        chan struct{} // closed when the writer has sent the close frame and half-closed
 }
@@ -1062,14 +1060,16 @@ func (c *Client) send(frame []byte) bool {
 		c.mu.Unlock()
 		return false
 	}
-	if len(c.queue) >= c.limit {
+	if c.queue == nil {
+		c.queue = batchPool.Get().(*batch)
+	} else if len(c.queue.frames) >= c.limit {
 		c.mu.Unlock()
 		if c.closeWith(1013, "slow consumer") {
 			c.stats.SlowConsumers.Add(1)
 		}
 		return false
 	}
-	c.queue = append(c.queue, frame)
+	c.queue.frames = append(c.queue.frames, frame)
 	c.startWriterLocked()
 	c.mu.Unlock()
 	return true
@@ -1092,6 +1092,7 @@ func (c *Client) closeWith(code int, reason string) bool {
 		return false
 	}
 	c.closeCode, c.closeReason = code, reason
+	c.queue.recycle()
 	c.queue = nil
 	c.closing.Store(true)
 	c.startWriterLocked()
@@ -1128,30 +1129,20 @@ func (c *Client) flush() {
 			c.finish(code, reason)
 			return
 		}
-		batch := c.queue
-		if len(batch) == 0 {
+		b := c.queue
+		c.queue = nil
+		if b == nil {
 			c.writing = false
-			// An idle client keeps at most small buffers: after a burst they can be large.
-			if cap(c.queue) > idleQueueCap {
-				c.queue = nil
-			}
-			if cap(c.spare) > idleQueueCap {
-				c.spare = nil
-			}
 			c.mu.Unlock()
 			return
 		}
-		c.queue = c.spare
 		c.mu.Unlock()
 
 		c.conn.SetWriteDeadline(time.Now().Add(c.writeTimeout))
-		if err := c.conn.writeFrames(batch); err != nil {
+		if err := c.conn.writeFrames(b.frames); err != nil {
 			c.closeWith(0, "") // a frame may be cut in half: no close frame can follow
 		}
-		clear(batch) // drop references so frames can be collected
-		c.mu.Lock()
-		c.spare = batch[:0]
-		c.mu.Unlock()
+		b.recycle()
 	}
 }
 
@@ -1205,6 +1196,21 @@ func encodeFrame(opcode byte, payload []byte) []byte {
 
 var pingFrame = encodeFrame(websocket.PingFrame, nil)
 
+// batch is a client's queue. Batches are recycled across clients: a busy
+// client holds one or two, an idle client none, and a steady stream of
+// notifications allocates no queue memory.
+type batch struct{ frames [][]byte }
+
+var batchPool = sync.Pool{New: func() any { return new(batch) }}
+
+func (b *batch) recycle() {
+	if b != nil {
+		clear(b.frames) // drop references so frames can be collected
+		b.frames = b.frames[:0]
+		batchPool.Put(b)
+	}
+}
+
 // trackedConn is a server socket that counts reads (the keep-alive signal) and
 // serializes writes: the writer's batches and x/net/websocket's own pong and
 // close frames (each a single Write) never interleave.
@@ -1212,6 +1218,7 @@ type trackedConn struct {
 	net.Conn
 	reads atomic.Uint64
 	wmu   sync.Mutex
+	bufs  net.Buffers // guarded by wmu; a field, so that writev needs no allocation
 }
 
 func (c *trackedConn) Read(p []byte) (int, error) {
@@ -1233,8 +1240,9 @@ func (c *trackedConn) Write(p []byte) (int, error) {
 func (c *trackedConn) writeFrames(frames [][]byte) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	bufs := net.Buffers(frames)
-	_, err := bufs.WriteTo(c.Conn)
+	c.bufs = frames
+	_, err := c.bufs.WriteTo(c.Conn)
+	c.bufs = nil
 	return err
 }
 
