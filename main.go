@@ -245,6 +245,9 @@ func (l *configLoader) loadFile(path string) error {
 
 // walk sets every key of a YAML mapping, recursing into sections.
 func (l *configLoader) walk(path, prefix string, n *yaml.Node) error {
+	if n.Tag == "!!null" { // "notifier:" with nothing under it
+		return nil
+	}
 	if n.Kind != yaml.MappingNode {
 		name := strings.TrimSuffix(prefix, ".")
 		if name == "" {
@@ -431,6 +434,12 @@ var urlPassword = regexp.MustCompile(`(://[^:/?#@\s"]*:)[^?#\s"]*@`)
 // redactDSN hides the password of dsn inside s (s may be dsn itself, or an
 // error message that quotes it).
 func redactDSN(s, dsn string) string {
+	if s == dsn { // for the log: precise, so that a user or host equal to the password stays readable
+		if u, err := url.Parse(dsn); err == nil && u.Scheme != "" {
+			return u.Redacted()
+		}
+		return dsnPassword.ReplaceAllString(s, "${1}xxxxx")
+	}
 	password := ""
 	if u, err := url.Parse(dsn); err == nil && u.User != nil {
 		password, _ = u.User.Password()
@@ -1405,7 +1414,7 @@ func (s *Service) watchListener(ctx context.Context, l Listener, every time.Dura
 		select {
 		case <-errc: // an error means pq already knows the connection is gone
 		case <-time.After(s.cfg.Database.PingTimeout):
-			s.log.Warn("database listener did not answer a ping; reconnecting", "timeout", s.cfg.Database.PingTimeout)
+			s.log.Warn("database listener did not answer a ping; reconnecting", "timeout", s.cfg.Database.PingTimeout.String())
 			s.connected.Store(false)
 			s.setReason("database listener did not answer a ping")
 			l.Reset()
@@ -1826,7 +1835,7 @@ func (s *Service) httpServer() *http.Server {
 // all within notifier.shutdown_timeout.
 func (s *Service) shutdown(srv *http.Server, l Listener, listenerDone <-chan struct{}) {
 	timeout := s.cfg.Notifier.ShutdownTimeout
-	s.log.Info("shutting down", "timeout", timeout)
+	s.log.Info("shutting down", "timeout", timeout.String())
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	go srv.Shutdown(ctx) // stops accepting; hijacked WebSocket connections are ours to close
