@@ -438,7 +438,7 @@ func redactDSN(s, dsn string) string {
 		if u, err := url.Parse(dsn); err == nil && u.Scheme != "" {
 			return u.Redacted()
 		}
-		return dsnPassword.ReplaceAllString(s, "${1}xxxxx")
+		return dsnPassword.ReplaceAllString(urlPassword.ReplaceAllString(s, "${1}xxxxx@"), "${1}xxxxx")
 	}
 	password := ""
 	if u, err := url.Parse(dsn); err == nil && u.User != nil {
