@@ -478,6 +478,7 @@ func BenchmarkIdleConnections(b *testing.B) {
 		b.ReportMetric(float64(m1.HeapInuse-m0.HeapInuse)/n/1024, "KiB-heap/conn")
 		b.ReportMetric(float64(m1.StackInuse-m0.StackInuse)/n/1024, "KiB-stack/conn")
 		b.ReportMetric(float64(after-before)/1024/1024, "MiB-RSS-left-after")
+		b.Logf("RSS before %d MiB, with %d idle connections %d MiB, after they left %d MiB", before>>20, n, during>>20, after>>20)
 	}
 }
 
