@@ -960,13 +960,6 @@ func (h *Hub) counts() (clients, subs int) {
 	return len(h.clients), h.subs
 }
 
-// send queues a control frame (reply or error) to c.
-func (h *Hub) send(c *Client, frame []byte) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	c.send(frame)
-}
-
 // reserve takes one of max connection slots; release gives it back.
 func (h *Hub) reserve(max int) bool {
 	for {
@@ -1650,11 +1643,11 @@ func (s *Service) handleMessage(c *Client, in frameIn) {
 			}
 		}
 	} else if err == nil && msg.id != nil { // ping
-		s.hub.send(c, reply{Type: "pong", ID: msg.id}.frame())
+		c.send(reply{Type: "pong", ID: msg.id}.frame())
 	}
 	if err != nil {
 		s.stats.ClientErrors.Add(1)
-		s.hub.send(c, reply{Type: "error", ID: msg.id, Message: err.Error()}.frame())
+		c.send(reply{Type: "error", ID: msg.id, Message: err.Error()}.frame())
 	}
 }
 
