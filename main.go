@@ -1068,6 +1068,8 @@ func (c *Client) send(frame []byte) bool {
 		c.mu.Unlock()
 		if c.closeWith(1013, "slow consumer") {
 			c.stats.SlowConsumers.Add(1)
+			// A writer stuck on a stalled peer gives up soon instead of after write_timeout.
+			c.conn.SetWriteDeadline(time.Now().Add(closeGrace))
 		}
 		return false
 	}
@@ -1143,6 +1145,9 @@ func (c *Client) flush() {
 		c.conn.SetWriteDeadline(time.Now().Add(c.writeTimeout))
 		if err := c.conn.writeFrames(b.frames); err != nil {
 			c.closeWith(0, "") // a frame may be cut in half: no close frame can follow
+			c.mu.Lock()
+			c.closeCode = 0 // even if a close (1013 slow consumer, 1001 shutdown) was asked for first
+			c.mu.Unlock()
 		}
 		b.recycle()
 	}
@@ -1345,6 +1350,9 @@ func (s *Service) runListener(ctx context.Context, l Listener) {
 		}
 		s.listening.Store(true)
 		s.log.Info("listening for notifications", "channels", s.cfg.Notifier.Channels)
+		if clients, _ := s.hub.counts(); clients > 0 { // they connected while the database was unreachable
+			s.resync("database connection established; notifications sent before may have been missed")
+		}
 	}()
 	notifications := l.NotificationChannel()
 	for {
@@ -1665,6 +1673,9 @@ func parseClientMessage(in frameIn) (parsedMessage, string, error) {
 		return pm, "", errors.New("binary frames are not supported; send JSON text frames")
 	}
 	data := bytes.TrimSpace(in.data)
+	if !utf8.Valid(data) { // encoding/json would pass it through, and browsers fail on it
+		return pm, "", errors.New("message is not valid UTF-8")
+	}
 	var m clientMessage
 	if err := json.Unmarshal(data, &m); err != nil {
 		if json.Valid(data) {

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"database/sql"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -15,14 +16,19 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"runtime"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/lib/pq"
 	"golang.org/x/net/websocket"
@@ -1520,4 +1526,1996 @@ func TestDatabasePasswordNeverShown(t *testing.T) {
 			t.Errorf("database.url %q: exit %d, stderr %q; want 2 naming database.url without the password", dsn, code, stderr)
 		}
 	}
+}
+
+// ---------------------------------------------------------------------------
+// Against a real PostgreSQL (ATTUNE_TEST_DATABASE_URL): end to end, faults, fuzzing
+
+// ---------------------------------------------------------------------------
+// PostgreSQL plumbing
+
+var pgSeq atomic.Uint64
+
+// pgBaseURL returns ATTUNE_TEST_DATABASE_URL, or skips the test.
+func pgBaseURL(t testing.TB) string {
+	t.Helper()
+	u := os.Getenv("ATTUNE_TEST_DATABASE_URL")
+	if u == "" {
+		t.Skip("ATTUNE_TEST_DATABASE_URL is not set: skipping the real-PostgreSQL test " +
+			"(set it, e.g. to postgres://postgres@127.0.0.1:5432/test?sslmode=disable, to run it)")
+	}
+	return u
+}
+
+// pgUnique returns a lower-case name unique to this process: a channel, an
+// entity type or an application_name (all under PostgreSQL's 63-byte limit).
+func pgUnique(kind string) string {
+	return fmt.Sprintf("pgt_%s_%d_%d", kind, os.Getpid(), pgSeq.Add(1))
+}
+
+// pgURL is base with its host replaced by hostport (when not empty) and the
+// given application_name.
+func pgURL(t testing.TB, base, hostport, app string) string {
+	t.Helper()
+	u, err := url.Parse(base)
+	if err != nil || (u.Scheme != "postgres" && u.Scheme != "postgresql") {
+		t.Fatalf("ATTUNE_TEST_DATABASE_URL must be a postgres:// URL (got %q)", base)
+	}
+	if hostport != "" {
+		u.Host = hostport
+	}
+	q := u.Query()
+	q.Set("application_name", app)
+	u.RawQuery = q.Encode()
+	return u.String()
+}
+
+// pgTarget is the host:port of the test database, for the proxy.
+func pgTarget(t testing.TB) string {
+	t.Helper()
+	u, err := url.Parse(pgBaseURL(t))
+	if err != nil {
+		t.Fatalf("bad ATTUNE_TEST_DATABASE_URL: %v", err)
+	}
+	host, port := u.Hostname(), u.Port()
+	if host == "" {
+		host = "127.0.0.1"
+	}
+	if port == "" {
+		port = "5432"
+	}
+	return net.JoinHostPort(host, port)
+}
+
+// pgOpenDB opens the test database for sending NOTIFYs and inspecting pg_stat_activity.
+func pgOpenDB(t testing.TB) *sql.DB {
+	t.Helper()
+	db, err := sql.Open("postgres", pgURL(t, pgBaseURL(t), "", "attune-notifier-test-sql"))
+	if err != nil {
+		t.Fatalf("open database: %v", err)
+	}
+	db.SetMaxOpenConns(4)
+	t.Cleanup(func() { db.Close() })
+	if err := db.Ping(); err != nil {
+		t.Fatalf("database at ATTUNE_TEST_DATABASE_URL is unreachable: %v", err)
+	}
+	return db
+}
+
+func pgNotify(t testing.TB, db *sql.DB, channel, payload string) {
+	t.Helper()
+	if _, err := db.Exec("SELECT pg_notify($1, $2)", channel, payload); err != nil {
+		t.Fatalf("pg_notify(%s): %v", channel, err)
+	}
+}
+
+// pgPayload is a payload shaped like Attune's triggers: entity_type, entity_id, id, then columns.
+func pgPayload(entityType string, id int, extra string) string {
+	return fmt.Sprintf(`{"entity_type":%q,"entity_id":%d,"id":%d,"status":"running","old_status":"scheduled","action_ref":"core.echo"%s}`,
+		entityType, id, id, extra)
+}
+
+// pgNotifyRange sends one NOTIFY per id in [from, to], in order, in one statement
+// (so one transaction); pad adds bytes to each payload.
+func pgNotifyRange(ctx context.Context, db *sql.DB, channel, entityType string, from, to, pad int) error {
+	_, err := db.ExecContext(ctx, `SELECT pg_notify($1, json_build_object('entity_type', $2::text, 'entity_id', i,
+		'id', i, 'status', 'succeeded', 'pad', repeat('x', $5::int))::text)
+		FROM generate_series($3::int, $4::int) AS i ORDER BY i`, channel, entityType, from, to, pad)
+	return err
+}
+
+// pgListenerPIDs lists the backends whose application_name is app.
+func pgListenerPIDs(t testing.TB, db *sql.DB, app string) []int {
+	t.Helper()
+	rows, err := db.Query("SELECT pid FROM pg_stat_activity WHERE application_name = $1", app)
+	if err != nil {
+		t.Fatalf("pg_stat_activity: %v", err)
+	}
+	defer rows.Close()
+	var pids []int
+	for rows.Next() {
+		var pid int
+		rows.Scan(&pid)
+		pids = append(pids, pid)
+	}
+	return pids
+}
+
+// pgLogBuffer collects a service's log; it is printed when the test fails.
+type pgLogBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *pgLogBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *pgLogBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+func pgLogger(t testing.TB) *slog.Logger {
+	b := &pgLogBuffer{}
+	t.Cleanup(func() { // registered first, so it runs after the service has stopped
+		if t.Failed() {
+			t.Logf("service log:\n%s", b.String())
+		}
+	})
+	return slog.New(slog.NewTextHandler(b, &slog.HandlerOptions{Level: slog.LevelInfo}))
+}
+
+// ---------------------------------------------------------------------------
+// A Service with a real pq listener, wired as run() wires it, behind httptest.
+
+type pgOptions struct {
+	dbHost     string        // connect here instead of the URL's host (a pgProxy)
+	channels   []string      // notifier.channels; nil: the defaults
+	watchEvery time.Duration // watchListener's interval; 0: one second
+	mutate     func(*Config)
+}
+
+type pgService struct {
+	t    testing.TB
+	svc  *Service
+	srv  *httptest.Server
+	app  string // the listener's application_name
+	stop func() // shuts the service down as run() does; idempotent
+}
+
+func newPGService(t testing.TB, o pgOptions) *pgService {
+	t.Helper()
+	base := pgBaseURL(t)
+	log := pgLogger(t)
+	app := pgUnique("app")
+	cfg := testConfig()
+	cfg.Database.URL = pgURL(t, base, o.dbHost, app)
+	cfg.Database.ReconnectMinInterval = 50 * time.Millisecond
+	cfg.Database.ReconnectMaxInterval = 250 * time.Millisecond
+	if o.channels != nil {
+		cfg.Notifier.Channels = o.channels
+	}
+	if o.mutate != nil {
+		o.mutate(&cfg)
+	}
+	every := o.watchEvery
+	if every == 0 {
+		every = time.Second
+	}
+	svc := newService(cfg, log)
+	l := newPGListener(cfg.Database, svc.onListenerEvent)
+	ctx, cancel := context.WithCancel(context.Background())
+	listenerDone := make(chan struct{})
+	go func() { defer close(listenerDone); svc.runListener(ctx, l) }()
+	watchDone := make(chan struct{})
+	go func() { defer close(watchDone); svc.watchListener(ctx, l, every) }()
+
+	srv := httptest.NewUnstartedServer(nil)
+	srv.Config = svc.httpServer()
+	srv.Listener = trackingListener{srv.Listener}
+	srv.Start()
+	var once sync.Once
+	p := &pgService{t: t, svc: svc, srv: srv, app: app}
+	p.stop = func() {
+		once.Do(func() {
+			cancel()
+			svc.shutdown(srv.Config, l, listenerDone)
+			<-watchDone
+			srv.Close()
+		})
+	}
+	t.Cleanup(p.stop)
+	return p
+}
+
+func (p *pgService) wsURL() string { return "ws" + strings.TrimPrefix(p.srv.URL, "http") + "/ws" }
+
+// health returns /health's status code (0 when the request fails).
+func (p *pgService) health() (int, string) {
+	resp, err := http.Get(p.srv.URL + "/health")
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body)
+}
+
+// waitHealth waits (generously) until /health answers code.
+func (p *pgService) waitHealth(code int) {
+	p.t.Helper()
+	var last string
+	pgWaitFor(p.t, fmt.Sprintf("/health %d", code), 20*time.Second, func() bool {
+		got, body := p.health()
+		last = body
+		return got == code
+	}, func() string { return "last /health: " + last })
+}
+
+func (p *pgService) stats() map[string]any {
+	p.t.Helper()
+	_, m := getJSON(p.t, p.srv.URL+"/stats")
+	return m
+}
+
+func (p *pgService) stat(name string) float64 {
+	p.t.Helper()
+	v, ok := p.stats()[name].(float64)
+	if !ok {
+		p.t.Fatalf("/stats has no number %q", name)
+	}
+	return v
+}
+
+// pgWaitFor is waitFor with a chosen deadline and an optional explanation.
+func pgWaitFor(t testing.TB, what string, d time.Duration, cond func() bool, explain func() string) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			msg := ""
+			if explain != nil {
+				msg = ": " + explain()
+			}
+			t.Fatalf("timed out after %s waiting for %s%s", d, what, msg)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// pgID is the payload's "id" of a notification frame, or -1.
+func pgID(m map[string]any) int {
+	if m["type"] != "notification" {
+		return -1
+	}
+	p, _ := m["payload"].(map[string]any)
+	id, ok := p["id"].(float64)
+	if !ok {
+		return -1
+	}
+	return int(id)
+}
+
+// pgExpectID reads one frame and checks it is the notification with the given id.
+func pgExpectID(t testing.TB, c *wsClient, id int) map[string]any {
+	t.Helper()
+	m := c.read()
+	if got := pgID(m); got != id {
+		t.Fatalf("got frame %v, want the notification with id %d", m, id)
+	}
+	return m
+}
+
+// pgGoroutines counts goroutines once idle HTTP connections are gone.
+func pgGoroutines() int {
+	http.DefaultClient.CloseIdleConnections()
+	return runtime.NumGoroutine()
+}
+
+// pgNoLeaks waits until the goroutine count is back to baseline (with a small
+// tolerance for the runtime and the database pool).
+func pgNoLeaks(t testing.TB, baseline int) {
+	t.Helper()
+	var n int
+	pgWaitFor(t, "goroutines to return to the baseline", 15*time.Second, func() bool {
+		n = pgGoroutines()
+		return n <= baseline+3
+	}, func() string {
+		buf := make([]byte, 1<<20)
+		return fmt.Sprintf("%d goroutines, baseline %d\n%s", n, baseline, buf[:runtime.Stack(buf, true)])
+	})
+}
+
+// ---------------------------------------------------------------------------
+// A TCP proxy between the notifier and PostgreSQL, to simulate faults.
+
+type pgProxy struct {
+	ln     net.Listener
+	target string
+
+	mu     sync.Mutex
+	down   bool // new connections are reset at once
+	closed bool
+	conns  map[*pgProxyConn]struct{}
+	wg     sync.WaitGroup
+}
+
+type pgProxyConn struct {
+	client, server net.Conn
+	blackhole      atomic.Bool // bytes are read and discarded, nothing is closed
+	once           sync.Once
+}
+
+func (pc *pgProxyConn) close() {
+	pc.once.Do(func() { pc.client.Close(); pc.server.Close() })
+}
+
+func newPGProxy(t testing.TB, target string) *pgProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("proxy: %v", err)
+	}
+	p := &pgProxy{ln: ln, target: target, conns: map[*pgProxyConn]struct{}{}}
+	p.wg.Add(1)
+	go p.accept()
+	t.Cleanup(p.close)
+	return p
+}
+
+func (p *pgProxy) addr() string { return p.ln.Addr().String() }
+
+func (p *pgProxy) accept() {
+	defer p.wg.Done()
+	for {
+		c, err := p.ln.Accept()
+		if err != nil {
+			return
+		}
+		p.mu.Lock()
+		down := p.down
+		p.mu.Unlock()
+		if down { // as if nothing listened: reset
+			c.(*net.TCPConn).SetLinger(0)
+			c.Close()
+			continue
+		}
+		s, err := net.DialTimeout("tcp", p.target, 5*time.Second)
+		if err != nil {
+			c.Close()
+			continue
+		}
+		pc := &pgProxyConn{client: c, server: s}
+		p.mu.Lock()
+		if p.closed {
+			p.mu.Unlock()
+			pc.close()
+			return
+		}
+		p.conns[pc] = struct{}{}
+		p.wg.Add(2)
+		p.mu.Unlock()
+		go p.pipe(pc, c, s)
+		go p.pipe(pc, s, c)
+	}
+}
+
+func (p *pgProxy) pipe(pc *pgProxyConn, src, dst net.Conn) {
+	defer p.wg.Done()
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 && !pc.blackhole.Load() {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				break
+			}
+		}
+		if err != nil {
+			break
+		}
+	}
+	pc.close()
+	p.mu.Lock()
+	delete(p.conns, pc)
+	p.mu.Unlock()
+}
+
+// setDown makes new connections fail (true) or succeed (false); existing ones are untouched.
+func (p *pgProxy) setDown(down bool) {
+	p.mu.Lock()
+	p.down = down
+	p.mu.Unlock()
+}
+
+// cut closes every proxied connection, as a network outage or a server restart would.
+func (p *pgProxy) cut() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for pc := range p.conns {
+		pc.close()
+	}
+	return len(p.conns)
+}
+
+// blackholeAll makes every current connection silently dead: bytes stop
+// flowing in both directions, but neither side sees a FIN or a reset.
+func (p *pgProxy) blackholeAll() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for pc := range p.conns {
+		pc.blackhole.Store(true)
+	}
+	return len(p.conns)
+}
+
+func (p *pgProxy) close() {
+	p.ln.Close()
+	p.mu.Lock()
+	p.closed = true
+	for pc := range p.conns {
+		pc.close()
+	}
+	p.mu.Unlock()
+	p.wg.Wait()
+}
+
+// ---------------------------------------------------------------------------
+// End to end: SQL NOTIFY -> real pq.Listener -> real WebSocket client
+
+func TestPGAllDefaultChannels(t *testing.T) {
+	p := newPGService(t, pgOptions{})
+	db := pgOpenDB(t)
+	p.waitHealth(http.StatusOK)
+	et := pgUnique("et")
+	c := dial(t, p.wsURL())
+	c.subscribe("entity_type:" + et)
+	channels := defaultConfig().Notifier.Channels
+	if len(channels) != 7 {
+		t.Fatalf("want seven default channels, got %v", channels)
+	}
+	for i, ch := range channels {
+		pgNotify(t, db, ch, pgPayload(et, i+1, ""))
+	}
+	for i, ch := range channels {
+		m := pgExpectID(t, c, i+1)
+		if m["notification_type"] != ch || m["entity_type"] != et || m["entity_id"] != float64(i+1) || m["user_id"] != nil {
+			t.Fatalf("channel %s: got %v", ch, m)
+		}
+		if ts, _ := m["timestamp"].(string); !strings.HasSuffix(ts, "Z") {
+			t.Fatalf("timestamp %q is not RFC 3339 UTC", ts)
+		}
+	}
+	if got := p.stat("notifications_received"); got < 7 {
+		t.Fatalf("notifications_received = %v, want >= 7", got)
+	}
+}
+
+func TestPGFilterKinds(t *testing.T) {
+	chA, chB := pgUnique("cha"), pgUnique("chb")
+	p := newPGService(t, pgOptions{channels: []string{chA, chB}})
+	db := pgOpenDB(t)
+	p.waitHealth(http.StatusOK)
+	et1, et2 := pgUnique("et"), pgUnique("et")
+	user := 1_000_000 + os.Getpid()
+
+	type sub struct {
+		filters []string
+		want    []int
+	}
+	subs := map[string]sub{
+		"all":               {[]string{"all"}, []int{1, 2, 3, 4, 5, 6, 7, 8}},
+		"entity_type":       {[]string{"entity_type:" + et1}, []int{1, 2, 8}},
+		"entity":            {[]string{"entity:" + et1 + ":42"}, []int{1, 8}},
+		"user":              {[]string{"user:" + strconv.Itoa(user)}, []int{4, 8}},
+		"notification_type": {[]string{"notification_type:" + chB}, []int{6, 8}},
+		"overlapping":       {[]string{"entity_type:" + et1, "entity:" + et1 + ":42", "user:" + strconv.Itoa(user)}, []int{1, 2, 4, 8}},
+		"none":              {nil, nil},
+	}
+	clients := map[string]*wsClient{}
+	for name, s := range subs {
+		c := dial(t, p.wsURL())
+		for _, f := range s.filters {
+			c.subscribe(f)
+		}
+		clients[name] = c
+	}
+	sends := []struct {
+		channel, et string
+		entityID    int
+		user        string // raw JSON, "" for none
+	}{
+		1: {chA, et1, 42, ""},
+		2: {chA, et1, 43, ""},                               // entity: other id
+		3: {chA, et2, 42, ""},                               // entity: same id, other type
+		4: {chA, et2, 1, strconv.Itoa(user)},                // user
+		5: {chA, et2, 2, strconv.Itoa(user + 1)},            // user: other user
+		6: {chB, et2, 3, ""},                                // notification_type
+		7: {chA, et2, 4, strconv.Quote(strconv.Itoa(user))}, // user_id as a string is no user
+		8: {chB, et1, 42, strconv.Itoa(user)},               // matches every filter: the end marker
+	}
+	for id := 1; id < len(sends); id++ {
+		s := sends[id]
+		extra := ""
+		if s.user != "" {
+			extra = `,"user_id":` + s.user
+		}
+		pgNotify(t, db, s.channel, fmt.Sprintf(`{"entity_type":%q,"entity_id":%d,"id":%d,"status":"requested"%s}`, s.et, s.entityID, id, extra))
+	}
+	for name, s := range subs {
+		c := clients[name]
+		if s.want == nil {
+			c.expectSilence(300 * time.Millisecond)
+			continue
+		}
+		var got []int
+		for len(got) == 0 || got[len(got)-1] != 8 {
+			m := c.read()
+			id := pgID(m)
+			got = append(got, id)
+			var want any // user_id: null unless the payload's is an integer
+			if id >= 1 && id < len(sends) && sends[id].user != "" && sends[id].user[0] != '"' {
+				n, _ := strconv.Atoi(sends[id].user)
+				want = float64(n)
+			}
+			if m["user_id"] != want {
+				t.Fatalf("%s: notification %d has user_id %v, want %v", name, id, m["user_id"], want)
+			}
+		}
+		if fmt.Sprint(got) != fmt.Sprint(s.want) {
+			t.Errorf("client %q (filters %q) received %v, want %v", name, s.filters, got, s.want)
+		}
+	}
+}
+
+func TestPGTransactionOf500InOrder(t *testing.T) {
+	ch := pgUnique("ch")
+	p := newPGService(t, pgOptions{channels: []string{ch}})
+	db := pgOpenDB(t)
+	p.waitHealth(http.StatusOK)
+	et := pgUnique("et")
+	c := dial(t, p.wsURL())
+	c.subscribe("entity_type:" + et)
+	tx, err := db.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i <= 500; i++ {
+		if _, err := tx.Exec("SELECT pg_notify($1, $2)", ch, pgPayload(et, i, "")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i <= 500; i++ {
+		m := pgExpectID(t, c, i)
+		if m["entity_id"] != float64(i) || m["notification_type"] != ch {
+			t.Fatalf("notification %d: %v", i, m)
+		}
+	}
+	c.expectSilence(200 * time.Millisecond)
+}
+
+func TestPGLargeNonASCIIPayloadIntact(t *testing.T) {
+	ch := pgUnique("ch")
+	p := newPGService(t, pgOptions{channels: []string{ch}})
+	db := pgOpenDB(t)
+	p.waitHealth(http.StatusOK)
+	et := pgUnique("et")
+	c := dial(t, p.wsURL())
+	c.subscribe("entity:" + et + ":77")
+
+	const size = 7900
+	var b strings.Builder
+	b.WriteString(`{"entity_type":"` + et + `","entity_id":77,"id":77,"status":"failed","result":"`)
+	pieces := []string{"Grüße, ", "日本語のテキスト ", "emoji 🚀🔥 ", `escaped \"quote\" \\ \n \u00e9 \ud83d\ude80 `, "ñandú ", "Ωμέγα "}
+	const tail = `","action_ref":"core.local"}`
+	for i := 0; ; i++ {
+		piece := pieces[i%len(pieces)]
+		if b.Len()+len(piece)+len(tail) > size {
+			break
+		}
+		b.WriteString(piece)
+	}
+	b.WriteString(strings.Repeat("x", size-b.Len()-len(tail)))
+	b.WriteString(tail)
+	payload := b.String()
+	if len(payload) != size || !json.Valid([]byte(payload)) || !utf8.ValidString(payload) {
+		t.Fatalf("test payload: %d bytes, valid JSON %v", len(payload), json.Valid([]byte(payload)))
+	}
+	pgNotify(t, db, ch, payload)
+	raw := c.readRaw()
+	var got struct {
+		Type    string          `json:"type"`
+		Payload json.RawMessage `json:"payload"`
+	}
+	if err := json.Unmarshal([]byte(raw), &got); err != nil || got.Type != "notification" {
+		t.Fatalf("frame is not a notification (%v): %.200s", err, raw)
+	}
+	if string(got.Payload) != payload {
+		t.Fatalf("payload changed on the way (%d bytes sent, %d received)", len(payload), len(got.Payload))
+	}
+}
+
+func TestPGBadPayloadsDroppedNextDelivered(t *testing.T) {
+	ch := pgUnique("ch")
+	p := newPGService(t, pgOptions{channels: []string{ch}})
+	db := pgOpenDB(t)
+	p.waitHealth(http.StatusOK)
+	c := dial(t, p.wsURL())
+	c.subscribe("all") // only our unique channel is LISTENed
+	bad := []string{
+		``,
+		`not json`,
+		`[{"entity_type":"execution","entity_id":1}]`,
+		`"execution"`,
+		`{"entity_type":"execution"}`,
+		`{"entity_id":1}`,
+		`{"entity_type":5,"entity_id":1}`,
+		`{"entity_type":"execution","entity_id":"1"}`,
+		`{"entity_type":"execution","entity_id":1.5}`,
+		`{"entity_type":"execution","entity_id":1e3}`,
+		`{"entity_type":"execution","entity_id":99999999999999999999}`,
+		`{"entity_type":"execution","entity_id":1,}`,
+		`{"entity_type":"execution","entity_id":1} {"x":1}`,
+		`{"entity_type":null,"entity_id":1}`,
+	}
+	for _, payload := range bad {
+		pgNotify(t, db, ch, payload)
+	}
+	pgNotify(t, db, ch, pgPayload("execution", 9, ""))
+	pgExpectID(t, c, 9)
+	if got := p.stat("notifications_dropped"); got != float64(len(bad)) {
+		t.Fatalf("notifications_dropped = %v, want %d", got, len(bad))
+	}
+	if got := p.stat("notifications_received"); got != float64(len(bad)+1) {
+		t.Fatalf("notifications_received = %v, want %d", got, len(bad)+1)
+	}
+}
+
+func TestPGTwoServicesBothDeliver(t *testing.T) {
+	ch := pgUnique("ch")
+	a := newPGService(t, pgOptions{channels: []string{ch}})
+	b := newPGService(t, pgOptions{channels: []string{ch}})
+	db := pgOpenDB(t)
+	a.waitHealth(http.StatusOK)
+	b.waitHealth(http.StatusOK)
+	var clients []*wsClient
+	for _, p := range []*pgService{a, b} {
+		for range 2 {
+			c := dial(t, p.wsURL())
+			c.subscribe("all")
+			clients = append(clients, c)
+		}
+	}
+	const n = 200
+	if err := pgNotifyRange(context.Background(), db, ch, "execution", 1, n, 0); err != nil {
+		t.Fatal(err)
+	}
+	for i, c := range clients {
+		for id := 1; id <= n; id++ {
+			if m := c.read(); pgID(m) != id {
+				t.Fatalf("client %d (service %c): got %v, want notification %d", i, "ab"[i/2], m, id)
+			}
+		}
+	}
+}
+
+// ---------------------------------------------------------------------------
+// Faults
+
+// TestPGTerminateBackendResync kills the listener's backend while the database
+// stays unreachable for a while, then lets it reconnect.
+func TestPGTerminateBackendResync(t *testing.T) {
+	ch := pgUnique("ch")
+	px := newPGProxy(t, pgTarget(t))
+	p := newPGService(t, pgOptions{dbHost: px.addr(), channels: []string{ch}})
+	db := pgOpenDB(t)
+	p.waitHealth(http.StatusOK)
+	sub := dial(t, p.wsURL())
+	sub.subscribe("all")
+	idle := dial(t, p.wsURL()) // no filters: receives nothing but the resync
+	pgNotify(t, db, ch, pgPayload("execution", 1, ""))
+	pgExpectID(t, sub, 1)
+
+	pids := pgListenerPIDs(t, db, p.app)
+	if len(pids) != 1 {
+		t.Fatalf("want exactly one backend with application_name %s, got %v", p.app, pids)
+	}
+	px.setDown(true) // keep the outage visible: reconnection attempts fail
+	var ok bool
+	if err := db.QueryRow("SELECT pg_terminate_backend($1)", pids[0]).Scan(&ok); err != nil || !ok {
+		t.Fatalf("pg_terminate_backend(%d) = %v, %v", pids[0], ok, err)
+	}
+	p.waitHealth(http.StatusServiceUnavailable)
+	if st := p.stats(); st["listener_connected"] != false {
+		t.Fatalf("/stats while disconnected: listener_connected = %v", st["listener_connected"])
+	}
+	pgNotify(t, db, ch, pgPayload("execution", 2, "")) // lost: nobody LISTENs
+	px.setDown(false)
+	p.waitHealth(http.StatusOK)
+
+	for _, c := range []*wsClient{sub, idle} {
+		if m := c.read(); m["type"] != "resync" || m["reason"] == "" || m["reason"] == nil {
+			t.Fatalf("after reconnecting: got %v, want a resync", m)
+		}
+	}
+	pgNotify(t, db, ch, pgPayload("execution", 3, ""))
+	pgExpectID(t, sub, 3)
+	idle.expectSilence(200 * time.Millisecond)
+	if got := p.stat("listener_reconnects"); got < 1 {
+		t.Fatalf("listener_reconnects = %v, want >= 1", got)
+	}
+	if now := pgListenerPIDs(t, db, p.app); len(now) != 1 || now[0] == pids[0] {
+		t.Fatalf("after reconnecting: backends %v (old %d), want one new backend", now, pids[0])
+	}
+}
+
+func TestPGDatabaseUnreachableAtStart(t *testing.T) {
+	ch := pgUnique("ch")
+	px := newPGProxy(t, pgTarget(t))
+	px.setDown(true)
+	p := newPGService(t, pgOptions{dbHost: px.addr(), channels: []string{ch}})
+	db := pgOpenDB(t)
+	pgWaitFor(t, "a failed connection attempt", 10*time.Second, func() bool {
+		code, body := p.health()
+		return code == http.StatusServiceUnavailable && strings.Contains(body, "cannot connect")
+	}, nil)
+	// The WebSocket side works while the database is down.
+	c := dial(t, p.wsURL())
+	c.subscribe("entity_type:execution")
+	if st := p.stats(); st["listener_connected"] != false || st["connected_clients"] != 1.0 {
+		t.Fatalf("/stats while the database is down: %v", st)
+	}
+	px.setDown(false)
+	p.waitHealth(http.StatusOK)
+	pgNotify(t, db, ch, pgPayload("execution", 5, ""))
+	m := c.read()
+	if m["type"] == "resync" { // allowed, not required, after a first connection
+		m = c.read()
+	}
+	if pgID(m) != 5 {
+		t.Fatalf("got %v, want notification 5", m)
+	}
+}
+
+// TestPGProxyOutageMidStream cuts the listener's TCP connection while
+// notifications are flowing: the stream must resume, in order, after a resync.
+func TestPGProxyOutageMidStream(t *testing.T) {
+	ch := pgUnique("ch")
+	px := newPGProxy(t, pgTarget(t))
+	p := newPGService(t, pgOptions{dbHost: px.addr(), channels: []string{ch}})
+	db := pgOpenDB(t)
+	p.waitHealth(http.StatusOK)
+	c := dial(t, p.wsURL())
+	c.subscribe("all")
+
+	ctx, cancel := context.WithCancel(context.Background())
+	flood := make(chan error, 1)
+	go func() {
+		for i := 1; ; i++ {
+			if ctx.Err() != nil {
+				flood <- nil
+				return
+			}
+			if _, err := db.ExecContext(ctx, "SELECT pg_notify($1, $2)", ch, pgPayload("execution", i, "")); err != nil && ctx.Err() == nil {
+				flood <- err
+				return
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+	}()
+	defer func() { cancel(); <-flood }()
+
+	last, before, after, resyncs := 0, 0, 0, 0
+	var cutAt time.Time
+	for after < 50 {
+		if !cutAt.IsZero() && time.Since(cutAt) > 15*time.Second {
+			t.Fatalf("15s after the cut: %d resyncs, %d notifications after one (%d before the cut)", resyncs, after, before)
+		}
+		m := c.read()
+		if m["type"] == "resync" {
+			resyncs++
+			continue
+		}
+		id := pgID(m)
+		if id <= last {
+			t.Fatalf("notification %d after %d: out of order or duplicated", id, last)
+		}
+		last = id
+		if resyncs == 0 {
+			if before++; before == 50 {
+				cutAt = time.Now()
+				if n := px.cut(); n != 1 {
+					t.Fatalf("cut %d proxied connections, want 1", n)
+				}
+			}
+		} else {
+			after++
+		}
+	}
+	cancel()
+	if err := <-flood; err != nil {
+		t.Fatalf("sending notifications: %v", err)
+	}
+	flood <- nil
+	if resyncs != 1 {
+		t.Fatalf("got %d resyncs, want 1", resyncs)
+	}
+	if got := p.stat("listener_reconnects"); got < 1 {
+		t.Fatalf("listener_reconnects = %v, want >= 1", got)
+	}
+}
+
+// TestPGSilentlyDeadListener makes the listener's TCP session silently dead:
+// no FIN, no reset, nothing arrives. Only the ping watchdog can notice.
+func TestPGSilentlyDeadListener(t *testing.T) {
+	ch := pgUnique("ch")
+	px := newPGProxy(t, pgTarget(t))
+	p := newPGService(t, pgOptions{dbHost: px.addr(), channels: []string{ch}, watchEvery: 100 * time.Millisecond,
+		mutate: func(c *Config) { c.Database.PingTimeout = 500 * time.Millisecond }})
+	db := pgOpenDB(t)
+	p.waitHealth(http.StatusOK)
+	c := dial(t, p.wsURL())
+	c.subscribe("all")
+	pgNotify(t, db, ch, pgPayload("execution", 1, ""))
+	pgExpectID(t, c, 1)
+
+	if n := px.blackholeAll(); n != 1 {
+		t.Fatalf("blackholed %d proxied connections, want 1", n)
+	}
+	op, frame, err := c.readFrame(15 * time.Second)
+	if err != nil || op != websocket.TextFrame || !strings.Contains(string(frame), `"type":"resync"`) {
+		t.Fatalf("after the listener's connection went silent: got %q, %v; want a resync", frame, err)
+	}
+	p.waitHealth(http.StatusOK)
+	pgNotify(t, db, ch, pgPayload("execution", 2, ""))
+	pgExpectID(t, c, 2)
+	if got := p.stat("listener_reconnects"); got < 1 {
+		t.Fatalf("listener_reconnects = %v, want >= 1", got)
+	}
+	// The dead session's backend goes away once the notifier dropped its socket.
+	pgWaitFor(t, "one backend for the listener", 10*time.Second, func() bool {
+		return len(pgListenerPIDs(t, db, p.app)) == 1
+	}, nil)
+}
+
+// pgClientIDs lists the client_ids the hub has registered.
+func pgClientIDs(p *pgService) map[string]bool {
+	h := p.svc.hub
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	ids := map[string]bool{}
+	for c := range h.clients {
+		ids[c.id] = true
+	}
+	return ids
+}
+
+// pgDialSmallWindow connects like dial, with a 4 kB receive buffer set before
+// the connection exists, so that a client that stops reading makes the
+// server's writes block after little data.
+func pgDialSmallWindow(t testing.TB, wsURL string) *wsClient {
+	t.Helper()
+	u, _ := url.Parse(wsURL)
+	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		return rc.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+	}}
+	conn, err := d.Dial("tcp", u.Host)
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	req, _ := http.NewRequest("GET", "http://"+u.Host+u.Path, nil)
+	req.Header.Set("Upgrade", "websocket")
+	req.Header.Set("Connection", "Upgrade")
+	req.Header.Set("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+	req.Header.Set("Sec-WebSocket-Version", "13")
+	c := &wsClient{t: t, conn: conn, br: bufio.NewReader(conn)}
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	if err := req.Write(conn); err != nil {
+		t.Fatalf("handshake: %v", err)
+	}
+	if resp, err := http.ReadResponse(c.br, req); err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("handshake: %v %v", resp, err)
+	}
+	m := c.read()
+	if m["type"] != "welcome" {
+		t.Fatalf("first frame %v, want a welcome", m)
+	}
+	c.id, _ = m["client_id"].(string)
+	return c
+}
+
+// pgReadIDs reads notifications and checks that their payload ids are
+// 1, 2, 3... until the one whose entity_type is "final"; it returns how many
+// numbered ones arrived and the longest wait between two of them. Safe in any goroutine.
+func pgReadIDs(c *wsClient, timeout time.Duration, progress *atomic.Int64) (int, time.Duration, error) {
+	next := 1
+	var last time.Time
+	var gap time.Duration
+	for {
+		op, p, err := c.readFrame(timeout)
+		if now := time.Now(); next > 1 {
+			gap = max(gap, now.Sub(last))
+			last = now
+		} else {
+			last = now
+		}
+		if err == nil && op == websocket.CloseFrame {
+			err = fmt.Errorf("closed by the server: %d %q", binary.BigEndian.Uint16(append(p, 0, 0)), p[min(len(p), 2):])
+		}
+		if err != nil {
+			return next - 1, gap, fmt.Errorf("after notification %d: %v", next-1, err)
+		}
+		var m struct {
+			Type       string `json:"type"`
+			EntityType string `json:"entity_type"`
+			Payload    struct {
+				ID int `json:"id"`
+			} `json:"payload"`
+		}
+		if err := json.Unmarshal(p, &m); err != nil || m.Type != "notification" {
+			return next - 1, gap, fmt.Errorf("after notification %d: got %.200q (%v)", next-1, p, err)
+		}
+		if m.EntityType == "final" {
+			return next - 1, gap, nil
+		}
+		if m.Payload.ID != next {
+			return next - 1, gap, fmt.Errorf("got notification %d, want %d", m.Payload.ID, next)
+		}
+		if progress != nil {
+			progress.Store(int64(next))
+		}
+		next++
+	}
+}
+
+// TestPGBadClientsUnderFlood puts a stalled reader, clients that reset their
+// connection mid-stream and a half-open client next to healthy clients while
+// notifications pour in: the healthy ones must get every notification in
+// order, the others must be disconnected in bounded time, and nothing leaks.
+func TestPGBadClientsUnderFlood(t *testing.T) {
+	// The stalled client's writer is stuck for writeTimeout: a design where
+	// that holds up anyone else shows as a gap that long for healthy clients.
+	const writeTimeout, maxGap = 5 * time.Second, 2500 * time.Millisecond
+	ch := pgUnique("ch")
+	p := newPGService(t, pgOptions{channels: []string{ch}, mutate: func(c *Config) {
+		c.Notifier.PingInterval = time.Second // a healthy client's pong may queue behind a flood
+		c.Notifier.WriteTimeout = writeTimeout
+	}})
+	db := pgOpenDB(t)
+	p.waitHealth(http.StatusOK)
+	baseline := pgGoroutines()
+
+	const healthyN = 3
+	type result struct {
+		count int
+		gap   time.Duration
+		err   error
+	}
+	healthy := make([]*wsClient, healthyN)
+	results := make(chan result, healthyN)
+	for i := range healthy {
+		healthy[i] = dial(t, p.wsURL())
+		healthy[i].subscribe("all")
+	}
+	stalled := pgDialSmallWindow(t, p.wsURL()) // reads nothing, ever
+	stalled.subscribe("all")
+	var rst []*wsClient // read a little, then reset the connection
+	for range 2 {
+		c := dial(t, p.wsURL())
+		c.subscribe("all")
+		rst = append(rst, c)
+	}
+	halfOpen := dial(t, p.wsURL())         // neither reads nor answers pings
+	halfOpen.subscribe("entity:nothing:1") // never matched: only the keep-alive can find it dead
+	bad := []*wsClient{stalled, rst[0], rst[1], halfOpen}
+	if ids := pgClientIDs(p); len(ids) != healthyN+len(bad) {
+		t.Fatalf("registered clients %v, want %d", ids, healthyN+len(bad))
+	}
+
+	progress := make([]atomic.Int64, healthyN) // notifications each healthy client has read
+	for i, c := range healthy {
+		go func() {
+			n, gap, err := pgReadIDs(c, 20*time.Second, &progress[i])
+			results <- result{n, gap, err}
+		}()
+	}
+	slowest := func() int64 {
+		m := progress[0].Load()
+		for i := range progress {
+			m = min(m, progress[i].Load())
+		}
+		return m
+	}
+
+	// The flood: batches of 100 NOTIFYs of about 1 kB, as fast as healthy
+	// clients can take them (at most two batches ahead of the slowest, so
+	// their queues of 256 never overflow even on a loaded machine), until the
+	// bad clients are gone.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	const batch = 100
+	sent := make(chan int, 1)
+	floodErr := make(chan error, 1)
+	go func() {
+		defer close(floodErr)
+		n := 0
+		for ctx.Err() == nil && n < 100_000 {
+			if err := pgNotifyRange(context.Background(), db, ch, "execution", n+1, n+batch, 1000); err != nil {
+				floodErr <- err
+				break
+			}
+			n += batch
+			for ctx.Err() == nil && slowest() < int64(n-batch) {
+				time.Sleep(time.Millisecond)
+			}
+		}
+		sent <- n
+	}()
+
+	for _, c := range rst {
+		for range 5 {
+			c.readRaw()
+		}
+		c.conn.(*net.TCPConn).SetLinger(0)
+		c.conn.Close()
+	}
+	start := time.Now()
+	var left []string
+	gone := map[string]time.Duration{}
+	pgWaitFor(t, "the stalled, reset and half-open clients to be disconnected", 30*time.Second, func() bool {
+		ids := pgClientIDs(p)
+		for _, c := range healthy {
+			if !ids[c.id] {
+				t.Fatalf("healthy client %s was disconnected (slow consumers: %v)", c.id, p.stat("slow_consumer_disconnects"))
+			}
+		}
+		left = left[:0]
+		for _, c := range bad {
+			if ids[c.id] {
+				left = append(left, c.id)
+			} else if _, ok := gone[c.id]; !ok {
+				gone[c.id] = time.Since(start).Round(time.Millisecond)
+			}
+		}
+		return len(left) == 0
+	}, func() string { return fmt.Sprintf("still connected: %v; /stats %v", left, p.stats()) })
+	t.Logf("disconnected after: stalled %s, reset %s and %s, half-open %s",
+		gone[stalled.id], gone[rst[0].id], gone[rst[1].id], gone[halfOpen.id])
+	cancel()
+	n := <-sent
+	if err := <-floodErr; err != nil {
+		t.Fatalf("sending notifications: %v", err)
+	}
+	if err := pgNotifyRange(context.Background(), db, ch, "final", n+1, n+1, 0); err != nil {
+		t.Fatal(err)
+	}
+	for range healthyN {
+		select {
+		case r := <-results:
+			if r.err != nil || r.count != n {
+				t.Fatalf("a healthy client received %d of %d notifications in order: %v", r.count, n, r.err)
+			}
+			if r.gap > maxGap {
+				t.Errorf("a healthy client waited %s between two notifications: held up by a bad client", r.gap)
+			}
+			t.Logf("healthy client: longest wait between notifications %s", r.gap.Round(time.Millisecond))
+		case <-time.After(60 * time.Second):
+			t.Fatalf("healthy clients did not receive all %d notifications", n)
+		}
+	}
+	t.Logf("%d notifications of ~1 kB each; slow consumers %v", n, p.stat("slow_consumer_disconnects"))
+
+	// The half-open client was closed by the keep-alive.
+	if code, reason := halfOpen.closeCode(); code != 1001 || !strings.Contains(reason, "keep-alive") {
+		t.Errorf("half-open client: close %d %q, want 1001 keep-alive timeout", code, reason)
+	}
+
+	for _, c := range healthy {
+		c.conn.Close()
+	}
+	halfOpen.conn.Close()
+	stalled.conn.Close()
+	pgWaitFor(t, "every client to be gone", 10*time.Second, func() bool { return len(pgClientIDs(p)) == 0 }, nil)
+	pgNoLeaks(t, baseline)
+}
+
+// TestPGShutdownUnderLoad runs the whole program (run) with 1,000 clients and
+// notifications flowing, then cancels its context as SIGTERM does.
+func TestPGShutdownUnderLoad(t *testing.T) {
+	if testing.Short() {
+		t.Skip("1,000 clients: skipped with -short")
+	}
+	ch := pgUnique("ch")
+	app := pgUnique("app")
+	dbURL := pgURL(t, pgBaseURL(t), "", app)
+	db := pgOpenDB(t)
+	baseline := pgGoroutines()
+	const shutdownTimeout = 10 * time.Second
+
+	stderr := &pgLogBuffer{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("run() output:\n%s", stderr.String())
+		}
+	})
+	addr, code, cancel := pgStartRun(t, stderr, []string{
+		"ATTUNE__DATABASE__URL=" + dbURL,
+		"ATTUNE__DATABASE__RECONNECT_MIN_INTERVAL=100ms",
+		"ATTUNE__NOTIFIER__CHANNELS=" + ch,
+		"ATTUNE__NOTIFIER__SHUTDOWN_TIMEOUT=" + shutdownTimeout.String(),
+		"ATTUNE__LOG__LEVEL=warn",
+	})
+	defer cancel()
+
+	const n = 1000
+	url := "ws://" + addr + "/ws"
+	clients := make([]*wsClient, n)
+	for i := range clients {
+		clients[i] = dial(t, url)
+		if i%2 == 0 {
+			clients[i].subscribe("all")
+		}
+	}
+	codes := make(chan int, n)
+	received := make(chan int, n)
+	for _, c := range clients {
+		go func() {
+			got := 0
+			for {
+				op, p, err := c.readFrame(30 * time.Second)
+				if err != nil {
+					codes <- 0
+					received <- got
+					return
+				}
+				switch op {
+				case websocket.TextFrame:
+					got++
+				case websocket.CloseFrame:
+					c.writeFrame(websocket.CloseFrame, p[:min(len(p), 2)]) // as a browser replies
+					c.conn.Close()
+					code := 1005
+					if len(p) >= 2 {
+						code = int(binary.BigEndian.Uint16(p))
+					}
+					codes <- code
+					received <- got
+					return
+				}
+			}
+		}()
+	}
+
+	floodCtx, stopFlood := context.WithCancel(context.Background())
+	flood := make(chan error, 1)
+	go func() {
+		for i := 1; floodCtx.Err() == nil; i += 5 {
+			if err := pgNotifyRange(floodCtx, db, ch, "execution", i, i+4, 0); err != nil && floodCtx.Err() == nil {
+				flood <- err
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		flood <- nil
+	}()
+	defer func() { stopFlood(); <-flood }()
+	// Let notifications flow to every subscribed client first.
+	pgWaitFor(t, "notifications to flow", 20*time.Second, func() bool {
+		_, st := getJSON(t, "http://"+addr+"/stats")
+		d, _ := st["notifications_delivered"].(float64)
+		return d >= 5*n
+	}, nil)
+
+	start := time.Now()
+	cancel() // SIGTERM
+	var exit int
+	select {
+	case exit = <-code:
+	case <-time.After(shutdownTimeout + 5*time.Second):
+		t.Fatalf("run did not return within %s of the shutdown", shutdownTimeout+5*time.Second)
+	}
+	elapsed := time.Since(start)
+	if exit != 0 {
+		t.Fatalf("run exited with %d, want 0", exit)
+	}
+	if elapsed > shutdownTimeout {
+		t.Fatalf("shutdown took %s, more than notifier.shutdown_timeout %s", elapsed, shutdownTimeout)
+	}
+	bad := map[int]int{}
+	total := 0
+	for range n {
+		if c := <-codes; c != 1001 {
+			bad[c]++
+		}
+		total += <-received
+	}
+	if len(bad) > 0 {
+		t.Fatalf("clients not closed with 1001: %v (by close code; 0 = no close frame)", bad)
+	}
+	t.Logf("shutdown of %d clients took %s; %d notifications received before it", n, elapsed.Round(time.Millisecond), total)
+	stopFlood()
+	if err := <-flood; err != nil {
+		t.Fatalf("sending notifications: %v", err)
+	}
+	flood <- nil
+	for _, c := range clients {
+		c.conn.Close()
+	}
+	pgNoLeaks(t, baseline)
+	pgWaitFor(t, "the listener's backend to go away", 10*time.Second, func() bool {
+		return len(pgListenerPIDs(t, db, app)) == 0
+	}, nil)
+}
+
+// pgStartRun runs the whole program on a free loopback port with env and waits
+// until /health is 200. It returns the address, run's exit code channel and
+// the cancel function that plays SIGTERM.
+func pgStartRun(t testing.TB, stderr io.Writer, env []string) (string, <-chan int, context.CancelFunc) {
+	t.Helper()
+attempts:
+	for attempt := 1; ; attempt++ {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		_, port, _ := net.SplitHostPort(addr)
+		env := append([]string{"ATTUNE__NOTIFIER__HOST=127.0.0.1", "ATTUNE__NOTIFIER__PORT=" + port}, env...)
+		ctx, cancel := context.WithCancel(context.Background())
+		code := make(chan int, 1)
+		go func() { code <- run(ctx, []string{"--config", os.DevNull}, env, io.Discard, stderr) }()
+		deadline := time.Now().Add(20 * time.Second)
+		for {
+			select {
+			case c := <-code:
+				cancel()
+				if attempt < 3 { // the port was taken meanwhile: try another
+					t.Logf("run exited with %d; retrying on another port", c)
+					continue attempts
+				}
+				t.Fatalf("run exited with %d before serving", c)
+			default:
+			}
+			if resp, err := http.Get("http://" + addr + "/health"); err == nil {
+				resp.Body.Close()
+				if resp.StatusCode == http.StatusOK {
+					return addr, code, cancel
+				}
+			}
+			if time.Now().After(deadline) {
+				cancel()
+				t.Fatalf("service at %s did not become healthy", addr)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+}
+
+// ---------------------------------------------------------------------------
+// Fuzz targets. `go test` runs the seeds; `go test -fuzz '^FuzzX$'` explores.
+
+// pgMarshal is the JSON of a server reply, as its frame carries it.
+func pgMarshal(r reply) []byte {
+	b, _ := json.Marshal(r)
+	return b
+}
+
+// pgMatchingFilters is n.matchingFilters() as a slice.
+func pgMatchingFilters(n *Notification) []Filter {
+	fs, k := n.matchingFilters()
+	return fs[:k]
+}
+
+var pgFuzzNow = time.Date(2026, 3, 4, 5, 6, 7, 890123000, time.UTC)
+
+func FuzzParseNotification(f *testing.F) {
+	seeds := []struct{ channel, payload string }{
+		{"execution_status_changed", `{"entity_type":"execution","entity_id":123,"id":123,"status":"running","old_status":"scheduled","action_ref":"core.echo"}`},
+		{"execution_created", `{"entity_type":"execution","entity_id":124,"id":124,"status":"requested","action_ref":"core.http","parent":null,"enforcement":7}`},
+		{"inquiry_created", `{"entity_type":"inquiry","entity_id":5,"id":5,"execution":124,"status":"pending","user_id":42}`},
+		{"inquiry_responded", `{"entity_type":"inquiry","entity_id":5,"id":5,"status":"responded","response":{"approved":true}}`},
+		{"enforcement_created", `{"entity_type":"enforcement","entity_id":7,"id":7,"rule_ref":"core.on_webhook","status":"created"}`},
+		{"event_created", `{"entity_type":"event","entity_id":9000000000,"id":9000000000,"trigger_ref":"core.webhook","payload":{"a":[1,2,{"b":"ü"}]}}`},
+		{"workflow_execution_status_changed", `{"entity_type":"workflow_execution","entity_id":-1,"id":1,"status":"failed","old_status":"running","user_id":"7"}`},
+		{"execution_status_changed", ` {"entity_type":"execution","entity_id":1,"user_id":-9223372036854775808} `},
+		{"c", `{"entity_type":"e\u00e9\"x","entity_id":0,"user_id":1.0}`},
+		{"c", `{"entity_type":"a","entity_id":1,"entity_type":"b"}`},
+		{"c", `{"ENTITY_TYPE":"a","Entity_ID":1}`},
+		{"c", `{"entity_type":"a","entity_id":9223372036854775808}`},
+		{"c", `{"entity_type":"a","entity_id":1e2}`},
+		{"c", `{"entity_type":"a","entity_id":01}`},
+		{"c", `[1]`},
+		{"c", ``},
+		{"c", "{\"entity_type\":\"a\xff\",\"entity_id\":1}"},
+		{"c\xff", `{"entity_type":"a","entity_id":1}`},
+	}
+	for _, s := range seeds {
+		f.Add(s.channel, s.payload)
+	}
+	f.Fuzz(func(t *testing.T, channel, payload string) {
+		n, err := parseNotification(channel, payload, pgFuzzNow)
+		if err != nil {
+			if n != nil {
+				t.Fatalf("error %v with a notification", err)
+			}
+			return
+		}
+		raw := bytes.TrimSpace([]byte(payload))
+		if !json.Valid(raw) || raw[0] != '{' || !utf8.Valid(raw) {
+			t.Fatalf("accepted a payload that is not a UTF-8 JSON object: %q", payload)
+		}
+		if !json.Valid(n.JSON) || !utf8.Valid(n.JSON) {
+			t.Fatalf("notification is not valid UTF-8 JSON: %q", n.JSON)
+		}
+		if want := encodeFrame(websocket.TextFrame, n.JSON); !bytes.Equal(n.Frame, want) {
+			t.Fatalf("frame is not the notification as one text frame")
+		}
+		var got struct {
+			Type             string          `json:"type"`
+			NotificationType string          `json:"notification_type"`
+			EntityType       json.RawMessage `json:"entity_type"`
+			EntityID         json.RawMessage `json:"entity_id"`
+			UserID           json.RawMessage `json:"user_id"`
+			Payload          json.RawMessage `json:"payload"`
+			Timestamp        string          `json:"timestamp"`
+		}
+		if err := json.Unmarshal(n.JSON, &got); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got.Payload, raw) {
+			t.Fatalf("payload changed:\n in  %q\n out %q", raw, got.Payload)
+		}
+		if got.Type != "notification" || got.Timestamp != "2026-03-04T05:06:07.890123Z" {
+			t.Fatalf("type %q, timestamp %q", got.Type, got.Timestamp)
+		}
+		if utf8.ValidString(channel) && got.NotificationType != channel {
+			t.Fatalf("notification_type %q, want %q", got.NotificationType, channel)
+		}
+		// The envelope agrees with the payload as any JSON client reads it
+		// (exact key names; the last of duplicate keys wins).
+		var obj map[string]json.RawMessage
+		if err := json.Unmarshal(raw, &obj); err != nil {
+			t.Fatal(err)
+		}
+		var et string
+		if err := json.Unmarshal(obj["entity_type"], &et); err != nil || et != n.EntityType {
+			t.Fatalf("entity_type %q, but the payload's entity_type is %s", n.EntityType, obj["entity_type"])
+		}
+		var etOut string
+		if err := json.Unmarshal(got.EntityType, &etOut); err != nil || etOut != n.EntityType {
+			t.Fatalf("envelope entity_type %s, want %q", got.EntityType, n.EntityType)
+		}
+		if id, ok := parseInteger(obj["entity_id"]); !ok || id != n.EntityID || !bytes.Equal(got.EntityID, obj["entity_id"]) {
+			t.Fatalf("entity_id %d (envelope %s), but the payload's entity_id is %s", n.EntityID, got.EntityID, obj["entity_id"])
+		}
+		if uid, ok := parseInteger(obj["user_id"]); ok != n.HasUser || ok && uid != n.UserID {
+			t.Fatalf("user_id %d (%v), but the payload's user_id is %s", n.UserID, n.HasUser, obj["user_id"])
+		}
+		if !n.HasUser && string(got.UserID) != "null" {
+			t.Fatalf("user_id %s, want null", got.UserID)
+		}
+		// Every filter a client can write for this notification selects it.
+		for _, flt := range pgMatchingFilters(n) {
+			if back, err := ParseFilter(flt.String()); err == nil && back != flt {
+				t.Fatalf("filter %q parses to %+v, want %+v", flt.String(), back, flt)
+			}
+		}
+	})
+}
+
+func FuzzParseFilter(f *testing.F) {
+	for _, s := range []string{
+		"all", "entity_type:execution", "entity:execution:123", "user:42", "notification_type:execution_status_changed",
+		"entity_type:workflow_execution", "entity:inquiry:-5", "user:007", "user:-0", "user:9223372036854775807",
+		"user:9223372036854775808", "entity:execution:1.5", "entity:execution:1e3", "entity:execution:+1",
+		"all:", "all:x", "entity_type:", "entity_type", "entity::1", "entity:a:b:c", "user:", "user: 1",
+		"notification_type:a:b", "ALL", "", ":", "entity_type:ü日本", "entity_type:a\x00b", "entity_type:\xff",
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		flt, err := ParseFilter(s)
+		if err != nil {
+			if !strings.Contains(err.Error(), "invalid filter") {
+				t.Fatalf("error %q does not say what is wrong", err)
+			}
+			return
+		}
+		canon := flt.String()
+		back, err := ParseFilter(canon)
+		if err != nil || back != flt {
+			t.Fatalf("%q -> %q -> %+v, %v: does not round-trip", s, canon, back, err)
+		}
+		if back.String() != canon {
+			t.Fatalf("%q is not canonical", canon)
+		}
+		parts := strings.Split(s, ":")
+		if flt.kind != filterAll && flt.kind != filterUser && flt.typ == "" {
+			t.Fatalf("%q: empty type accepted", s)
+		}
+		// A notification built to match the filter is routed to it.
+		n := &Notification{Type: "chan", EntityType: "type", EntityID: 1}
+		switch flt.kind {
+		case filterAll:
+			if s != "all" {
+				t.Fatalf("%q accepted as all", s)
+			}
+		case filterEntityType:
+			n.EntityType = flt.typ
+		case filterEntity:
+			n.EntityType, n.EntityID = flt.typ, flt.id
+			if len(parts) != 3 {
+				t.Fatalf("%q accepted as an entity filter", s)
+			}
+		case filterUser:
+			n.UserID, n.HasUser = flt.id, true
+		case filterNotificationType:
+			n.Type = flt.typ
+		}
+		found := false
+		for _, m := range pgMatchingFilters(n) {
+			found = found || m == flt
+		}
+		if !found {
+			t.Fatalf("%q: a matching notification is not routed to it", s)
+		}
+	})
+}
+
+func FuzzParseClientMessage(f *testing.F) {
+	for _, s := range []string{
+		`{"type":"subscribe","filter":"entity_type:execution"}`,
+		`{"type":"subscribe","filter":"entity:execution:123","id":"sub-1"}`,
+		`{"type":"unsubscribe","filter":"user:42","id":7}`,
+		`{"type":"ping"}`,
+		`{"type":"ping","id":-1.5e3}`,
+		` {"type":"subscribe","filter":"all","id":null} `,
+		`{"type":"subscribe"}`,
+		`{"type":"subscribe","filter":7}`,
+		`{"type":"subscribe","filter":null}`,
+		`{"type":"subscribe","filter":"all","id":{}}`,
+		`{"type":"subscribe","filter":"all","id":true}`,
+		`{"type":5}`,
+		`{"type":"Subscribe","filter":"all"}`,
+		`{"TYPE":"subscribe","Filter":"all"}`,
+		`{"type":"subscribe","type":"ping"}`,
+		`{"filter":"all"}`,
+		`[]`, `"ping"`, `null`, ``, `{`, `{"type":"ping"}{"type":"ping"}`,
+		"{\"type\":\"ping\",\"id\":\"\xff\"}",
+		`{"type":"subscribe","filter":"entity_type:\u00e9\ud800"}`,
+	} {
+		f.Add([]byte(s), true)
+	}
+	f.Add([]byte(`{"type":"ping"}`), false)
+	f.Fuzz(func(t *testing.T, data []byte, text bool) {
+		kind := byte(websocket.BinaryFrame)
+		if text {
+			kind = websocket.TextFrame
+		}
+		msg, filter, err := parseClientMessage(frameIn{data: data, kind: kind})
+		if msg.id != nil {
+			var v any
+			if err := json.Unmarshal(msg.id, &v); err != nil {
+				t.Fatalf("id %q is not JSON", msg.id)
+			}
+			switch v.(type) {
+			case string, float64:
+			default:
+				t.Fatalf("id %s is neither a string nor a number", msg.id)
+			}
+		}
+		// Every answer the server can send is one JSON object, valid UTF-8 when the input was.
+		var answer []byte
+		if err != nil {
+			if filter != "" {
+				t.Fatalf("error %v with filter %q", err, filter)
+			}
+			answer = pgMarshal(reply{Type: "error", ID: msg.id, Message: err.Error()})
+		} else {
+			if !text {
+				t.Fatal("binary frame accepted")
+			}
+			switch msg.kind {
+			case "ping":
+				if filter != "" {
+					t.Fatalf("ping with filter %q", filter)
+				}
+				answer = pgMarshal(reply{Type: "pong", ID: msg.id})
+			case "subscribe", "unsubscribe":
+				answer = pgMarshal(reply{Type: msg.kind + "d", ID: msg.id, Filter: filter})
+				var m map[string]json.RawMessage
+				if json.Unmarshal(bytes.TrimSpace(data), &m) != nil {
+					t.Fatalf("accepted %q, which is not a JSON object", data)
+				}
+			default:
+				t.Fatalf("accepted kind %q", msg.kind)
+			}
+		}
+		if len(answer) == 0 || !json.Valid(answer) || answer[0] != '{' {
+			t.Fatalf("answer %q is not a JSON object", answer)
+		}
+		if utf8.Valid(data) && !utf8.Valid(answer) {
+			t.Fatalf("answer %q is not valid UTF-8", answer)
+		}
+	})
+}
+
+// ---------------------------------------------------------------------------
+// Benchmarks (issue 4). The README's Performance section quotes them.
+
+// benchPayload is a realistic Attune trigger payload.
+const benchPayload = `{"entity_type":"execution","entity_id":123456,"id":123456,"status":"running","old_status":"scheduled","action_ref":"core.http_request","parent":null,"enforcement":98765,"executor":7,"updated":"2026-12-04T10:30:00.123456+00:00"}`
+
+func BenchmarkParseNotification(b *testing.B) {
+	now := time.Now()
+	b.ReportAllocs()
+	b.SetBytes(int64(len(benchPayload)))
+	for b.Loop() {
+		if _, err := parseNotification("execution_status_changed", benchPayload, now); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// discardConn is a socket that accepts every write.
+type discardConn struct{ net.Conn }
+
+func (discardConn) Write(p []byte) (int, error)      { return len(p), nil }
+func (discardConn) SetWriteDeadline(time.Time) error { return nil }
+func (discardConn) SetReadDeadline(time.Time) error  { return nil }
+func (discardConn) Close() error                     { return nil }
+
+// BenchmarkRoute measures routing one notification among N subscribed clients
+// of which exactly one matches: with an index the cost does not grow with N.
+func BenchmarkRoute(b *testing.B) {
+	for _, n := range []int{10, 1_000, 100_000} {
+		b.Run("clients="+strconv.Itoa(n), func(b *testing.B) {
+			var stats Stats
+			hub := newHub(100, &stats)
+			cfg := testConfig().Notifier
+			cfg.ClientQueue = 1 << 30 // routing, not the writer, is measured here
+			clients := make([]*Client, n)
+			for i := range clients {
+				c := newClient(nil, &trackedConn{Conn: discardConn{}}, &stats, cfg)
+				clients[i] = c
+				hub.register(c)
+				f, _ := ParseFilter("entity:execution:" + strconv.Itoa(i))
+				hub.subscribe(c, f, nil)
+			}
+			defer func() {
+				for _, c := range clients {
+					c.closeWith(0, "")
+				}
+			}()
+			payload := strings.Replace(benchPayload, "123456", "7", 1) // entity:execution:7 matches one client
+			note, err := parseNotification("execution_status_changed", payload, time.Now())
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				hub.dispatch(note)
+			}
+			b.StopTimer()
+			if stats.SlowConsumers.Load() != 0 {
+				b.Fatalf("%d slow consumers: the matching client's queue overflowed", stats.SlowConsumers.Load())
+			}
+		})
+	}
+}
+
+// loadgen is a child process (this test binary, see TestLoadgenProcess) that
+// holds the benchmark's WebSocket clients, so that the server's CPU, memory
+// and scheduling are measured alone, as with real remote clients.
+type loadgen struct {
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+	out   *bufio.Reader
+}
+
+// loadResult is what the load generator reports when every client has its frames.
+type loadResult struct {
+	Frames int64   `json:"frames"` // text frames received over all clients
+	P50    float64 `json:"p50_ms"` // NOTIFY-to-receipt latency, from each payload's sent_ns
+	P99    float64 `json:"p99_ms"`
+}
+
+// startLoadgen connects clients to url, each subscribed to "all", and returns
+// once all are subscribed. With expect > 0 each client reads expect
+// notifications and the generator reports; with 0 they idle until stop.
+func startLoadgen(b *testing.B, url string, clients, expect int) *loadgen {
+	b.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestLoadgenProcess$")
+	cmd.Env = append(os.Environ(), "ATTUNE_LOADGEN_URL="+url,
+		"ATTUNE_LOADGEN_CLIENTS="+strconv.Itoa(clients), "ATTUNE_LOADGEN_EXPECT="+strconv.Itoa(expect))
+	cmd.Stderr = os.Stderr
+	stdin, _ := cmd.StdinPipe()
+	stdout, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	g := &loadgen{cmd: cmd, stdin: stdin, out: bufio.NewReader(stdout)}
+	b.Cleanup(func() { stdin.Close(); cmd.Process.Kill(); cmd.Wait() })
+	if line, err := g.out.ReadString('\n'); err != nil || line != "ready\n" {
+		b.Fatalf("load generator: %q, %v", line, err)
+	}
+	return g
+}
+
+// result waits for the generator's report.
+func (g *loadgen) result(b *testing.B) loadResult {
+	b.Helper()
+	line, err := g.out.ReadString('\n')
+	var r loadResult
+	if err == nil {
+		err = json.Unmarshal([]byte(line), &r)
+	}
+	if err != nil {
+		b.Fatalf("load generator report %q: %v", line, err)
+	}
+	return r
+}
+
+// stop ends an idle generator; its connections close.
+func (g *loadgen) stop() {
+	g.stdin.Close()
+	g.cmd.Wait()
+}
+
+// TestLoadgenProcess is the load generator's main; it only runs as a child of a benchmark.
+func TestLoadgenProcess(t *testing.T) {
+	url := os.Getenv("ATTUNE_LOADGEN_URL")
+	if url == "" {
+		t.Skip("only runs as a benchmark's load-generator process")
+	}
+	clients, _ := strconv.Atoi(os.Getenv("ATTUNE_LOADGEN_CLIENTS"))
+	expect, _ := strconv.Atoi(os.Getenv("ATTUNE_LOADGEN_EXPECT"))
+	var lim syscall.Rlimit
+	syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim)
+	lim.Cur = lim.Max
+	syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
+	conns := make([]*wsClient, clients)
+	for i := range conns {
+		c, _ := dialRaw(t, url, nil)
+		c.read() // welcome
+		c.subscribe("all")
+		c.conn.SetReadDeadline(time.Time{})
+		conns[i] = c
+	}
+	fmt.Println("ready")
+	if expect == 0 {
+		io.Copy(io.Discard, os.Stdin)
+		return
+	}
+	lats := make([][]time.Duration, clients)
+	var frames atomic.Int64
+	var wg sync.WaitGroup
+	for i, c := range conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			lats[i] = readNotifications(c.br, expect, &frames)
+		}()
+	}
+	wg.Wait()
+	var all []time.Duration
+	for _, l := range lats {
+		all = append(all, l...)
+	}
+	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+	out, _ := json.Marshal(loadResult{Frames: frames.Load(), P50: ms(percentile(all, 0.50)), P99: ms(percentile(all, 0.99))})
+	fmt.Println(string(out))
+}
+
+// readNotifications reads n text frames from br, with little CPU, and returns
+// the latency of each that carries "sent_ns".
+func readNotifications(br *bufio.Reader, n int, frames *atomic.Int64) []time.Duration {
+	lats := make([]time.Duration, 0, n)
+	buf := make([]byte, 16<<10)
+	h := make([]byte, 10)
+	for got := 0; got < n; {
+		if _, err := io.ReadFull(br, h[:2]); err != nil {
+			return lats
+		}
+		size := int(h[1] & 0x7f)
+		switch size {
+		case 126:
+			io.ReadFull(br, h[2:4])
+			size = int(binary.BigEndian.Uint16(h[2:4]))
+		case 127:
+			io.ReadFull(br, h[2:10])
+			size = int(binary.BigEndian.Uint64(h[2:10]))
+		}
+		if size > len(buf) {
+			br.Discard(size)
+			continue
+		}
+		if _, err := io.ReadFull(br, buf[:size]); err != nil {
+			return lats
+		}
+		if h[0]&0x0f != 0x1 { // not a text frame
+			continue
+		}
+		got++
+		frames.Add(1)
+		if i := bytes.Index(buf[:size], []byte(`"sent_ns"`)); i >= 0 {
+			rest := bytes.TrimLeft(buf[i+len(`"sent_ns"`):size], " :") // json_build_object writes "key" : value
+			end := bytes.IndexAny(rest, ",}")
+			if sent, err := strconv.ParseInt(string(bytes.TrimSpace(rest[:end])), 10, 64); err == nil {
+				lats = append(lats, time.Since(time.Unix(0, sent)))
+			}
+		}
+	}
+	return lats
+}
+
+// waitDrained waits until every client's queue has been written out.
+func waitDrained(b *testing.B, h *Hub) {
+	waitFor(b, "client queues to drain", func() bool {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		for c := range h.clients {
+			c.mu.Lock()
+			busy := c.queue != nil
+			c.mu.Unlock()
+			if busy {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// cpuTime is the process's user+system CPU time so far.
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// BenchmarkFanout pushes notifications through the service to 1,000 loopback
+// WebSocket clients (in a child process) that all match, 100 per burst as a
+// PostgreSQL transaction delivers them. cpu-ns/delivery is the server's alone.
+func BenchmarkFanout(b *testing.B) {
+	const clients, burst = 1000, 100
+	h := newHarness(b, nil)
+	g := startLoadgen(b, h.wsURL(), clients, b.N)
+	runtime.GC()
+	var ms0, ms1 runtime.MemStats
+	runtime.ReadMemStats(&ms0)
+	cpu0 := cpuTime()
+	b.ResetTimer()
+	start := time.Now()
+	for sent := 0; sent < b.N; sent += burst {
+		for range min(burst, b.N-sent) {
+			h.l.notify("execution_status_changed", benchPayload)
+		}
+		waitDrained(b, h.svc.hub) // bursts are spaced as commits would be, and no queue overflows
+	}
+	r := g.result(b)
+	elapsed := time.Since(start)
+	b.StopTimer()
+	cpu := cpuTime() - cpu0
+	runtime.ReadMemStats(&ms1)
+	deliveries := float64(b.N) * clients
+	if r.Frames != int64(deliveries) {
+		b.Fatalf("clients received %d of %.0f notifications", r.Frames, deliveries)
+	}
+	b.ReportMetric(deliveries/elapsed.Seconds(), "deliveries/s")
+	b.ReportMetric(float64(cpu.Nanoseconds())/deliveries, "server-cpu-ns/delivery")
+	b.ReportMetric(float64(ms1.Mallocs-ms0.Mallocs)/float64(b.N), "allocs/notification")
+	b.ReportMetric(float64(ms1.Mallocs-ms0.Mallocs)/deliveries, "allocs/delivery")
+}
+
+// benchDB opens the test database, or skips.
+func benchDB(b *testing.B) (*sql.DB, string) {
+	url := os.Getenv("ATTUNE_TEST_DATABASE_URL")
+	if url == "" {
+		b.Skip("set ATTUNE_TEST_DATABASE_URL to benchmark against PostgreSQL")
+	}
+	db, err := sql.Open("postgres", url)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { db.Close() })
+	return db, url
+}
+
+// benchPGService runs a Service with the real pq listener on channel, behind httptest.
+func benchPGService(b *testing.B, url, channel string) (*Service, string) {
+	cfg := testConfig()
+	cfg.Database.URL = url
+	cfg.Notifier.Channels = []string{channel}
+	svc := newService(cfg, slog.New(slog.DiscardHandler))
+	l := newPGListener(cfg.Database, svc.onListenerEvent)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); svc.runListener(ctx, l) }()
+	srv := httptest.NewUnstartedServer(nil)
+	srv.Config = svc.httpServer()
+	srv.Listener = trackingListener{srv.Listener}
+	srv.Start()
+	b.Cleanup(func() {
+		svc.hub.closeAll(1001, "benchmark over")
+		wctx, wcancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer wcancel()
+		svc.hub.wait(wctx)
+		srv.Close()
+		cancel()
+		l.Close()
+		<-done
+	})
+	waitFor(b, "the listener", func() bool { return svc.connected.Load() && svc.listening.Load() })
+	return svc, "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws"
+}
+
+// notifySQL sends n NOTIFYs on channel in one transaction, each payload
+// carrying its send time in sent_ns.
+const notifySQL = `SELECT pg_notify($1, json_build_object('entity_type','execution','entity_id',i,'id',i,
+	'status','running','old_status','scheduled','action_ref','core.http_request',
+	'sent_ns', (extract(epoch from clock_timestamp())*1e9)::bigint)::text)
+	FROM generate_series(1, $2::int) AS i`
+
+// ingestSQL sends n NOTIFYs on channel in one transaction, built as cheaply as
+// PostgreSQL allows so that the sender is not the bottleneck.
+const ingestSQL = `SELECT pg_notify($1, '{"entity_type":"execution","entity_id":' || i || ',"id":' || i ||
+	',"status":"running","old_status":"scheduled","action_ref":"core.http_request"}') FROM generate_series(1, $2::int) AS i`
+
+func percentile(ds []time.Duration, p float64) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	slices.Sort(ds)
+	return ds[min(len(ds)-1, int(float64(len(ds))*p))]
+}
+
+// BenchmarkPGFanout: PostgreSQL -> pq.Listener -> 1,000 WebSocket clients, 500
+// notifications sent 100 per transaction (the peer's reference workload) per
+// iteration. Run with -benchtime=5x.
+func BenchmarkPGFanout(b *testing.B) {
+	const clients, total, perTx = 1000, 500, 100
+	db, url := benchDB(b)
+	channel := "bench_fanout"
+	svc, wsURL := benchPGService(b, url, channel)
+	g := startLoadgen(b, wsURL, clients, b.N*total)
+	cpu0 := cpuTime()
+	b.ResetTimer()
+	start := time.Now()
+	for range b.N {
+		for sent := 0; sent < total; sent += perTx {
+			if _, err := db.Exec(notifySQL, channel, perTx); err != nil {
+				b.Fatal(err)
+			}
+		}
+		waitDrained(b, svc.hub)
+	}
+	r := g.result(b)
+	elapsed := time.Since(start)
+	b.StopTimer()
+	deliveries := float64(b.N*total) * clients
+	b.ReportMetric(deliveries/elapsed.Seconds(), "deliveries/s")
+	b.ReportMetric(float64((cpuTime()-cpu0).Nanoseconds())/deliveries, "server-cpu-ns/delivery")
+	b.ReportMetric(r.P50, "p50-ms")
+	b.ReportMetric(r.P99, "p99-ms")
+	if n := svc.stats.SlowConsumers.Load(); n != 0 {
+		b.Fatalf("%d slow consumers", n)
+	}
+}
+
+// BenchmarkPGLatencyPaced: 1,000 clients, 20 notifications/s, one per
+// transaction, for 5 s per iteration. Run with -benchtime=1x.
+func BenchmarkPGLatencyPaced(b *testing.B) {
+	const clients, rate, seconds = 1000, 20, 5
+	db, url := benchDB(b)
+	channel := "bench_paced"
+	_, wsURL := benchPGService(b, url, channel)
+	g := startLoadgen(b, wsURL, clients, b.N*rate*seconds)
+	cpu0 := cpuTime()
+	b.ResetTimer()
+	tick := time.NewTicker(time.Second / rate)
+	defer tick.Stop()
+	for range b.N * rate * seconds {
+		<-tick.C
+		if _, err := db.Exec(notifySQL, channel, 1); err != nil {
+			b.Fatal(err)
+		}
+	}
+	r := g.result(b)
+	b.StopTimer()
+	b.ReportMetric(float64((cpuTime()-cpu0).Nanoseconds())/float64(r.Frames), "server-cpu-ns/delivery")
+	b.ReportMetric(r.P50, "p50-ms")
+	b.ReportMetric(r.P99, "p99-ms")
+}
+
+// BenchmarkPGIngest: no clients; PostgreSQL sends 1,000 NOTIFYs per
+// transaction from two connections and the service must keep up.
+func BenchmarkPGIngest(b *testing.B) {
+	const perTx, senders = 1000, 2
+	db, url := benchDB(b)
+	channel := "bench_ingest"
+	svc, _ := benchPGService(b, url, channel)
+	base := svc.stats.Received.Load()
+	b.ResetTimer()
+	start := time.Now()
+	var wg sync.WaitGroup
+	txs := (b.N + perTx - 1) / perTx
+	var next atomic.Int64
+	for range senders {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for next.Add(1) <= int64(txs) {
+				if _, err := db.Exec(ingestSQL, channel, perTx); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	want := base + uint64(txs*perTx)
+	waitFor(b, "every NOTIFY", func() bool { return svc.stats.Received.Load() >= want })
+	elapsed := time.Since(start)
+	b.StopTimer()
+	b.ReportMetric(float64(txs*perTx)/elapsed.Seconds(), "notify/s")
+}
+
+// BenchmarkIdleConnections measures what an idle WebSocket connection costs
+// the server: a child process (this test binary) opens them so that only the
+// server's side is counted. Run with -benchtime=1x.
+func BenchmarkIdleConnections(b *testing.B) {
+	const n = 10_000
+	var lim syscall.Rlimit
+	syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim)
+	if lim.Cur < n+1000 {
+		lim.Cur = min(lim.Max, n+1000)
+		syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
+		syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim)
+		if lim.Cur < n+1000 {
+			b.Skipf("open-file limit %d is too low for %d connections and cannot be raised", lim.Cur, n)
+		}
+	}
+	h := newHarness(b, func(c *Config) { c.Notifier.MaxConnections = n + 10 })
+	for range b.N {
+		before := settledRSS()
+		var m0, m1 runtime.MemStats
+		runtime.ReadMemStats(&m0)
+		g := startLoadgen(b, h.wsURL(), n, 0)
+		time.Sleep(time.Second) // let the writers of the welcome and acknowledgement frames exit
+		during := settledRSS()
+		runtime.ReadMemStats(&m1)
+		g.stop()
+		waitFor(b, "every client to leave", func() bool { c, _ := h.svc.hub.counts(); return c == 0 })
+		time.Sleep(time.Second)
+		after := settledRSS()
+		b.ReportMetric(float64(during-before)/n/1024, "KiB-RSS/conn")
+		b.ReportMetric(float64(m1.HeapInuse-m0.HeapInuse)/n/1024, "KiB-heap/conn")
+		b.ReportMetric(float64(m1.StackInuse-m0.StackInuse)/n/1024, "KiB-stack/conn")
+		b.ReportMetric(float64(after-before)/1024/1024, "MiB-RSS-left-after")
+		b.Logf("RSS before %d MiB, with %d idle connections %d MiB, after they left %d MiB", before>>20, n, during>>20, after>>20)
+	}
+}
+
+// settledRSS returns the resident set size after collecting garbage and
+// returning free memory to the OS.
+func settledRSS() int64 {
+	runtime.GC()
+	debug.FreeOSMemory()
+	data, _ := os.ReadFile("/proc/self/status")
+	for _, line := range strings.Split(string(data), "\n") {
+		if strings.HasPrefix(line, "VmRSS:") {
+			var kb int64
+			fmt.Sscanf(strings.TrimPrefix(line, "VmRSS:"), "%d", &kb)
+			return kb * 1024
+		}
+	}
+	return 0
 }
