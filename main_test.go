@@ -2536,7 +2536,7 @@ func TestPGBadClientsUnderFlood(t *testing.T) {
 
 	// The flood: batches of 100 NOTIFYs of about 1 kB, as fast as healthy
 	// clients can take them (at most two batches ahead of the slowest, so
-	// their queues of 256 never overflow even on a loaded machine), until the
+	// their queues never overflow even on a loaded machine), until the
 	// bad clients are gone.
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
