@@ -3443,6 +3443,7 @@ func BenchmarkPGIngest(b *testing.B) {
 	channel := "bench_ingest"
 	svc, _ := benchPGService(b, url, channel)
 	base := svc.stats.Received.Load()
+	cpu0 := cpuTime()
 	b.ResetTimer()
 	start := time.Now()
 	var wg sync.WaitGroup
@@ -3466,6 +3467,7 @@ func BenchmarkPGIngest(b *testing.B) {
 	elapsed := time.Since(start)
 	b.StopTimer()
 	b.ReportMetric(float64(txs*perTx)/elapsed.Seconds(), "notify/s")
+	b.ReportMetric(float64((cpuTime()-cpu0).Nanoseconds())/float64(txs*perTx), "service-cpu-ns/notify")
 }
 
 // BenchmarkIdleConnections measures what an idle WebSocket connection costs
