@@ -84,12 +84,47 @@ func (f *fakeListener) notify(channel, payload string) {
 	f.ch <- &pq.Notification{Channel: channel, Extra: payload}
 }
 
-// harness is a running Service with a fake listener behind an httptest server.
-type harness struct {
+// served is a Service behind an httptest server, wired as run() wires it.
+type served struct {
 	t   testing.TB
 	svc *Service
-	l   *fakeListener
 	srv *httptest.Server
+}
+
+func serve(t testing.TB, svc *Service) *served {
+	srv := httptest.NewUnstartedServer(nil)
+	srv.Config = svc.httpServer()
+	srv.Listener = trackingListener{srv.Listener}
+	srv.Start()
+	return &served{t: t, svc: svc, srv: srv}
+}
+
+func (s *served) wsURL() string { return "ws" + strings.TrimPrefix(s.srv.URL, "http") + "/ws" }
+
+// stats returns /stats decoded.
+func (s *served) stats() map[string]any {
+	s.t.Helper()
+	code, m := getJSON(s.t, s.srv.URL+"/stats")
+	if code != http.StatusOK {
+		s.t.Fatalf("/stats: status %d", code)
+	}
+	return m
+}
+
+// stat returns one numeric /stats field.
+func (s *served) stat(key string) float64 {
+	s.t.Helper()
+	v, ok := s.stats()[key].(float64)
+	if !ok {
+		s.t.Fatalf("/stats has no numeric %q", key)
+	}
+	return v
+}
+
+// harness is a running Service with a fake listener behind an httptest server.
+type harness struct {
+	*served
+	l *fakeListener
 }
 
 // testConfig is the default configuration with timings suited to tests.
@@ -115,11 +150,8 @@ func newHarness(t testing.TB, mutate func(*Config)) *harness {
 	go func() { defer close(done); svc.runListener(ctx, l) }()
 	svc.onListenerEvent(pq.ListenerEventConnected, nil)
 
-	srv := httptest.NewUnstartedServer(nil)
-	srv.Config = svc.httpServer()
-	srv.Listener = trackingListener{srv.Listener}
-	srv.Start()
-	h := &harness{t: t, svc: svc, l: l, srv: srv}
+	h := &harness{served: serve(t, svc), l: l}
+	srv := h.srv
 	t.Cleanup(func() {
 		svc.hub.closeAll(1001, "test over")
 		ctx2, cancel2 := context.WithTimeout(context.Background(), 5*time.Second)
@@ -135,8 +167,6 @@ func newHarness(t testing.TB, mutate func(*Config)) *harness {
 	waitFor(t, "LISTEN on every channel", func() bool { return svc.listening.Load() })
 	return h
 }
-
-func (h *harness) wsURL() string { return "ws" + strings.TrimPrefix(h.srv.URL, "http") + "/ws" }
 
 // waitFor polls cond until it holds, failing the test after 10 seconds.
 func waitFor(t testing.TB, what string, cond func() bool) {
@@ -379,26 +409,6 @@ func TestNotificationReachesSubscriber(t *testing.T) {
 
 // ---------------------------------------------------------------------------
 // Helpers for the tests below.
-
-// stats returns /stats decoded.
-func (h *harness) stats() map[string]any {
-	h.t.Helper()
-	code, m := getJSON(h.t, h.srv.URL+"/stats")
-	if code != http.StatusOK {
-		h.t.Fatalf("/stats: status %d", code)
-	}
-	return m
-}
-
-// stat returns one numeric /stats field.
-func (h *harness) stat(key string) float64 {
-	h.t.Helper()
-	v, ok := h.stats()[key].(float64)
-	if !ok {
-		h.t.Fatalf("/stats has no numeric %q", key)
-	}
-	return v
-}
 
 // waitStat waits until a numeric /stats field has the value want.
 func (h *harness) waitStat(key string, want float64) {
@@ -1641,26 +1651,9 @@ func pgListenerPIDs(t testing.TB, db *sql.DB, app string) []int {
 	return pids
 }
 
-// pgLogBuffer collects a service's log; it is printed when the test fails.
-type pgLogBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *pgLogBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *pgLogBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
+// pgLogger collects a service's log; it is printed when the test fails.
 func pgLogger(t testing.TB) *slog.Logger {
-	b := &pgLogBuffer{}
+	b := &syncBuffer{}
 	t.Cleanup(func() { // registered first, so it runs after the service has stopped
 		if t.Failed() {
 			t.Logf("service log:\n%s", b.String())
@@ -1680,9 +1673,7 @@ type pgOptions struct {
 }
 
 type pgService struct {
-	t    testing.TB
-	svc  *Service
-	srv  *httptest.Server
+	*served
 	app  string // the listener's application_name
 	stop func() // shuts the service down as run() does; idempotent
 }
@@ -1714,12 +1705,9 @@ func newPGService(t testing.TB, o pgOptions) *pgService {
 	watchDone := make(chan struct{})
 	go func() { defer close(watchDone); svc.watchListener(ctx, l, every) }()
 
-	srv := httptest.NewUnstartedServer(nil)
-	srv.Config = svc.httpServer()
-	srv.Listener = trackingListener{srv.Listener}
-	srv.Start()
+	p := &pgService{served: serve(t, svc), app: app}
+	srv := p.srv
 	var once sync.Once
-	p := &pgService{t: t, svc: svc, srv: srv, app: app}
 	p.stop = func() {
 		once.Do(func() {
 			cancel()
@@ -1731,8 +1719,6 @@ func newPGService(t testing.TB, o pgOptions) *pgService {
 	t.Cleanup(p.stop)
 	return p
 }
-
-func (p *pgService) wsURL() string { return "ws" + strings.TrimPrefix(p.srv.URL, "http") + "/ws" }
 
 // health returns /health's status code (0 when the request fails).
 func (p *pgService) health() (int, string) {
@@ -1754,21 +1740,6 @@ func (p *pgService) waitHealth(code int) {
 		last = body
 		return got == code
 	}, func() string { return "last /health: " + last })
-}
-
-func (p *pgService) stats() map[string]any {
-	p.t.Helper()
-	_, m := getJSON(p.t, p.srv.URL+"/stats")
-	return m
-}
-
-func (p *pgService) stat(name string) float64 {
-	p.t.Helper()
-	v, ok := p.stats()[name].(float64)
-	if !ok {
-		p.t.Fatalf("/stats has no number %q", name)
-	}
-	return v
 }
 
 // pgWaitFor is waitFor with a chosen deadline and an optional explanation.
@@ -2639,7 +2610,7 @@ func TestPGShutdownUnderLoad(t *testing.T) {
 	baseline := pgGoroutines()
 	const shutdownTimeout = 10 * time.Second
 
-	stderr := &pgLogBuffer{}
+	stderr := &syncBuffer{}
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("run() output:\n%s", stderr.String())
@@ -3315,46 +3286,11 @@ func BenchmarkFanout(b *testing.B) {
 	b.ReportMetric(float64(ms1.Mallocs-ms0.Mallocs)/deliveries, "allocs/delivery")
 }
 
-// benchDB opens the test database, or skips.
-func benchDB(b *testing.B) (*sql.DB, string) {
-	url := os.Getenv("ATTUNE_TEST_DATABASE_URL")
-	if url == "" {
-		b.Skip("set ATTUNE_TEST_DATABASE_URL to benchmark against PostgreSQL")
-	}
-	db, err := sql.Open("postgres", url)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { db.Close() })
-	return db, url
-}
-
-// benchPGService runs a Service with the real pq listener on channel, behind httptest.
-func benchPGService(b *testing.B, url, channel string) (*Service, string) {
-	cfg := testConfig()
-	cfg.Database.URL = url
-	cfg.Notifier.Channels = []string{channel}
-	svc := newService(cfg, slog.New(slog.DiscardHandler))
-	l := newPGListener(cfg.Database, svc.onListenerEvent)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); svc.runListener(ctx, l) }()
-	srv := httptest.NewUnstartedServer(nil)
-	srv.Config = svc.httpServer()
-	srv.Listener = trackingListener{srv.Listener}
-	srv.Start()
-	b.Cleanup(func() {
-		svc.hub.closeAll(1001, "benchmark over")
-		wctx, wcancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer wcancel()
-		svc.hub.wait(wctx)
-		srv.Close()
-		cancel()
-		l.Close()
-		<-done
-	})
-	waitFor(b, "the listener", func() bool { return svc.connected.Load() && svc.listening.Load() })
-	return svc, "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws"
+// benchPGService runs a Service with the real pq listener on channel.
+func benchPGService(b *testing.B, channel string) (*Service, string) {
+	p := newPGService(b, pgOptions{channels: []string{channel}})
+	p.waitHealth(http.StatusOK)
+	return p.svc, p.wsURL()
 }
 
 // notifySQL sends n NOTIFYs on channel in one transaction, each payload
@@ -3382,9 +3318,9 @@ func percentile(ds []time.Duration, p float64) time.Duration {
 // iteration. Run with -benchtime=5x.
 func BenchmarkPGFanout(b *testing.B) {
 	const clients, total, perTx = 1000, 500, 100
-	db, url := benchDB(b)
+	db := pgOpenDB(b)
 	channel := "bench_fanout"
-	svc, wsURL := benchPGService(b, url, channel)
+	svc, wsURL := benchPGService(b, channel)
 	g := startLoadgen(b, wsURL, clients, b.N*total)
 	cpu0 := cpuTime()
 	b.ResetTimer()
@@ -3414,9 +3350,9 @@ func BenchmarkPGFanout(b *testing.B) {
 // transaction, for 5 s per iteration. Run with -benchtime=1x.
 func BenchmarkPGLatencyPaced(b *testing.B) {
 	const clients, rate, seconds = 1000, 20, 5
-	db, url := benchDB(b)
+	db := pgOpenDB(b)
 	channel := "bench_paced"
-	_, wsURL := benchPGService(b, url, channel)
+	_, wsURL := benchPGService(b, channel)
 	g := startLoadgen(b, wsURL, clients, b.N*rate*seconds)
 	cpu0 := cpuTime()
 	b.ResetTimer()
@@ -3439,9 +3375,9 @@ func BenchmarkPGLatencyPaced(b *testing.B) {
 // transaction from two connections and the service must keep up.
 func BenchmarkPGIngest(b *testing.B) {
 	const perTx, senders = 1000, 2
-	db, url := benchDB(b)
+	db := pgOpenDB(b)
 	channel := "bench_ingest"
-	svc, _ := benchPGService(b, url, channel)
+	svc, _ := benchPGService(b, channel)
 	base := svc.stats.Received.Load()
 	cpu0 := cpuTime()
 	b.ResetTimer()
