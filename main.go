@@ -1142,8 +1142,11 @@ func (c *Client) flush() {
 		}
 		c.mu.Unlock()
 
-		c.conn.SetWriteDeadline(time.Now().Add(c.writeTimeout))
-		if err := c.conn.writeFrames(b.frames); err != nil {
+		timeout := c.writeTimeout
+		if c.closing.Load() { // a slow consumer: see send
+			timeout = closeGrace
+		}
+		if err := c.conn.writeFrames(b.frames, timeout); err != nil {
 			c.closeWith(0, "") // a frame may be cut in half: no close frame can follow
 			c.mu.Lock()
 			c.closeCode = 0 // even if a close (1013 slow consumer, 1001 shutdown) was asked for first
@@ -1160,8 +1163,7 @@ func (c *Client) finish(code int, reason string) {
 	if code != 0 {
 		msg := binary.BigEndian.AppendUint16(nil, uint16(code))
 		msg = append(msg, reason[:min(len(reason), maxCloseReason)]...)
-		c.conn.SetWriteDeadline(time.Now().Add(closeGrace))
-		c.conn.writeFrames([][]byte{encodeFrame(websocket.CloseFrame, msg)})
+		c.conn.writeFrames([][]byte{encodeFrame(websocket.CloseFrame, msg)}, closeGrace) // not if x/net sent one
 	}
 	c.conn.CloseWrite()
 	c.conn.SetReadDeadline(time.Now().Add(closeGrace))
@@ -1218,14 +1220,19 @@ func (b *batch) recycle() {
 	}
 }
 
-// trackedConn is a server socket that counts reads (the keep-alive signal) and
-// serializes writes: the writer's batches and x/net/websocket's own pong and
-// close frames (each a single Write) never interleave.
+// trackedConn is a server socket that counts reads (the keep-alive signal)
+// and serializes writes: the writer's batches and x/net/websocket's own pong
+// and close frames (each a single Write) never interleave. Once armed for a
+// WebSocket, every write gets a fresh deadline and nothing follows a close
+// frame (RFC 6455 section 5.5.1).
 type trackedConn struct {
 	net.Conn
 	reads atomic.Uint64
-	wmu   sync.Mutex
-	bufs  net.Buffers // guarded by wmu; a field, so that writev needs no allocation
+
+	wmu          sync.Mutex
+	writeTimeout time.Duration // 0 until armed: before the upgrade net/http writes; guarded by wmu
+	closeSent    bool          // guarded by wmu
+	bufs         net.Buffers   // guarded by wmu; a field, so that writev needs no allocation
 }
 
 func (c *trackedConn) Read(p []byte) (int, error) {
@@ -1236,17 +1243,40 @@ func (c *trackedConn) Read(p []byte) (int, error) {
 	return n, err
 }
 
+// arm switches the socket to WebSocket writes.
+func (c *trackedConn) arm(writeTimeout time.Duration) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.writeTimeout = writeTimeout
+}
+
+// Write is used by net/http before the upgrade and by x/net/websocket after
+// it, for pongs and protocol-error closes: a pong must not inherit the
+// deadline of our last batch, long past.
 func (c *trackedConn) Write(p []byte) (int, error) {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	if c.writeTimeout == 0 {
+		return c.Conn.Write(p)
+	}
+	if c.closeSent {
+		return 0, net.ErrClosed
+	}
+	c.Conn.SetWriteDeadline(time.Now().Add(c.writeTimeout))
+	c.closeSent = len(p) > 0 && p[0]&0x0f == websocket.CloseFrame
 	return c.Conn.Write(p)
 }
 
-// writeFrames writes complete frames with as few system calls as the kernel
-// allows (writev on TCP).
-func (c *trackedConn) writeFrames(frames [][]byte) error {
+// writeFrames writes complete frames within timeout, with as few system calls
+// as the kernel allows (writev on TCP).
+func (c *trackedConn) writeFrames(frames [][]byte, timeout time.Duration) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	if c.closeSent {
+		return net.ErrClosed
+	}
+	c.Conn.SetWriteDeadline(time.Now().Add(timeout))
+	c.closeSent = frames[len(frames)-1][0]&0x0f == websocket.CloseFrame
 	c.bufs = frames
 	_, err := c.bufs.WriteTo(c.Conn)
 	c.bufs = nil
@@ -1567,6 +1597,7 @@ func (s *Service) serveClient(ws *websocket.Conn) {
 		return
 	}
 	ws.MaxPayloadBytes = s.cfg.Notifier.MaxMessageBytes
+	conn.arm(s.cfg.Notifier.WriteTimeout)
 	c := newClient(ws, conn, &s.stats, s.cfg.Notifier)
 	if !s.hub.register(c) {
 		c.closeWith(1001, "server shutting down")
@@ -1580,20 +1611,21 @@ func (s *Service) serveClient(ws *websocket.Conn) {
 	for {
 		var m frameIn
 		err := rawCodec.Receive(ws, &m)
-		if c.closing.Load() {
-			if err != nil && !errors.Is(err, websocket.ErrFrameTooLarge) {
-				break // the peer replied to our close, went away, or the grace period ended
+		if err == nil {
+			if !c.closing.Load() { // once closing, read on until the peer's close reply
+				s.handleMessage(c, m)
 			}
-			continue // drain until then
+			continue
 		}
-		switch {
-		case err == nil:
-			s.handleMessage(c, m)
-		case errors.Is(err, websocket.ErrFrameTooLarge):
+		if errors.Is(err, websocket.ErrFrameTooLarge) { // the next read skips the rest of the frame
 			c.closeWith(1009, fmt.Sprintf("message too big (limit %d bytes)", s.cfg.Notifier.MaxMessageBytes))
-		default: // the peer closed, reset or sent something unreadable
-			c.closeWith(1000, "")
+			continue
 		}
+		// The peer sent a close frame (x/net reports io.EOF, and answers protocol
+		// errors with its own close, after which ours is not sent), went away, or
+		// did not answer our close in time.
+		c.closeWith(1000, "")
+		break
 	}
 	<-c.done // the writer has finished; x/net/websocket closes the socket when we return
 	log.Debug("client disconnected")

@@ -3457,3 +3457,44 @@ func settledRSS() int64 {
 	}
 	return 0
 }
+
+// TestClientPingAnsweredLongAfterLastWrite: x/net answers a client's ping
+// itself; the pong must get a fresh write deadline, not the stale one of the
+// server's last write (Python's websockets pings every 20 s by default).
+func TestClientPingAnsweredLongAfterLastWrite(t *testing.T) {
+	h := newHarness(t, func(c *Config) { c.Notifier.WriteTimeout = 100 * time.Millisecond })
+	c := dial(t, h.wsURL())
+	time.Sleep(300 * time.Millisecond) // well past the deadline of the welcome frame's write
+	if err := c.writeFrame(websocket.PingFrame, []byte("are you there")); err != nil {
+		t.Fatal(err)
+	}
+	op, p, err := c.readFrame(5 * time.Second)
+	if err != nil || op != websocket.PongFrame || string(p) != "are you there" {
+		t.Fatalf("got opcode %d %q, %v; want the pong", op, p, err)
+	}
+	c.subscribe("all") // still open
+}
+
+// TestProtocolErrorGetsOneCloseFrame: an unmasked client frame is answered by
+// x/net with close 1002; nothing, not even our own close, may follow it.
+func TestProtocolErrorGetsOneCloseFrame(t *testing.T) {
+	h := newHarness(t, nil)
+	c := dial(t, h.wsURL())
+	msg := `{"type":"ping"}`
+	if _, err := c.conn.Write(append([]byte{0x81, byte(len(msg))}, msg...)); err != nil { // unmasked
+		t.Fatal(err)
+	}
+	var closes []int
+	for {
+		op, p, err := c.readFrame(5 * time.Second)
+		if err != nil {
+			break
+		}
+		if op == websocket.CloseFrame {
+			closes = append(closes, int(binary.BigEndian.Uint16(p)))
+		}
+	}
+	if len(closes) != 1 || closes[0] != 1002 {
+		t.Fatalf("close frames %v, want exactly one 1002", closes)
+	}
+}
