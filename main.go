@@ -255,9 +255,14 @@ func (l *configLoader) walk(path, prefix string, n *yaml.Node) error {
 		}
 		return fmt.Errorf("%s:%d: %s: want a mapping of keys", path, n.Line, name)
 	}
+	seen := map[string]int{} // key -> line
 	for i := 0; i+1 < len(n.Content); i += 2 {
 		k, v := n.Content[i], n.Content[i+1]
 		key := prefix + k.Value
+		if first, dup := seen[key]; dup {
+			return fmt.Errorf("%s:%d: %s: set twice (first at line %d)", path, k.Line, key, first)
+		}
+		seen[key] = k.Line
 		ptr, ok := l.keys[key]
 		if !ok {
 			if prefix == "" && isSection(key) {
@@ -396,6 +401,11 @@ func (l *configLoader) validate() error {
 	if len(c.Notifier.AllowedOrigins) == 0 {
 		return bad("notifier.allowed_origins", `must list at least one origin, or "*" for any`)
 	}
+	for _, o := range c.Notifier.AllowedOrigins {
+		if _, err := normalizeOrigin(o); err != nil {
+			return bad("notifier.allowed_origins", "%v", err)
+		}
+	}
 	if _, err := parseLevel(c.Log.Level); err != nil {
 		return bad("log.level", "%v", err)
 	}
@@ -403,6 +413,19 @@ func (l *configLoader) validate() error {
 		return bad("log.format", "must be json or text (got %q)", c.Log.Format)
 	}
 	return nil
+}
+
+// normalizeOrigin returns an allowed origin as browsers send it in Origin,
+// lower-cased: scheme://host[:port], or "*".
+func normalizeOrigin(o string) (string, error) {
+	if o == "*" {
+		return o, nil
+	}
+	u, err := url.Parse(o)
+	if err != nil || u.Scheme == "" || u.Host == "" || u.User != nil || (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.Fragment != "" {
+		return "", fmt.Errorf("%q is not an origin: want scheme://host[:port], such as https://app.example.com", o)
+	}
+	return strings.ToLower(u.Scheme + "://" + u.Host), nil
 }
 
 func parseLevel(s string) (slog.Level, error) {
@@ -1326,9 +1349,8 @@ func newService(cfg Config, log *slog.Logger) *Service {
 	s := &Service{cfg: cfg, log: log, started: time.Now(), origins: map[string]bool{}}
 	s.hub = newHub(cfg.Notifier.MaxSubscriptions, &s.stats)
 	for _, o := range cfg.Notifier.AllowedOrigins {
-		if o == "*" {
-			s.wildcard = true
-		}
+		o, _ = normalizeOrigin(o) // validated
+		s.wildcard = s.wildcard || o == "*"
 		s.origins[o] = true
 	}
 	s.setReason("connecting to the database")
@@ -1341,6 +1363,7 @@ func (s *Service) setReason(r string) { s.reason.Store(&r) }
 func (s *Service) onListenerEvent(ev pq.ListenerEventType, err error) {
 	switch ev {
 	case pq.ListenerEventConnected:
+		s.setReason("connected; LISTEN has not completed on every channel") // shown until it has
 		s.connected.Store(true)
 		s.log.Info("database listener connected")
 	case pq.ListenerEventReconnected:
@@ -1370,12 +1393,24 @@ func errText(err error) string {
 func (s *Service) runListener(ctx context.Context, l Listener) {
 	go func() {
 		// Listen blocks while the database is unreachable; pq re-LISTENs by itself after a reconnect.
+		// A LISTEN the server refuses (a hot standby in recovery, say) is retried and shown by /health.
 		for _, ch := range s.cfg.Notifier.Channels {
-			if err := l.Listen(ch); err != nil && !errors.Is(err, pq.ErrChannelAlreadyOpen) {
-				if ctx.Err() == nil {
-					s.log.Error("cannot LISTEN", "channel", ch, "error", err)
+			for {
+				err := l.Listen(ch)
+				if err == nil || errors.Is(err, pq.ErrChannelAlreadyOpen) {
+					break
 				}
-				return
+				if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+					return
+				}
+				retry := s.cfg.Database.ReconnectMaxInterval
+				s.setReason(fmt.Sprintf("LISTEN %s failed: %v", ch, err))
+				s.log.Error("cannot LISTEN; retrying", "channel", ch, "error", err.Error(), "retry_in", retry.String())
+				select {
+				case <-ctx.Done():
+					return
+				case <-time.After(retry):
+				}
 			}
 		}
 		s.listening.Store(true)
@@ -1458,8 +1493,11 @@ func (s *Service) watchListener(ctx context.Context, l Listener, every time.Dura
 // handler serves every endpoint. Errors are JSON: {"error": "..."}.
 func (s *Service) handler() http.Handler {
 	ws := websocket.Server{
-		Handshake: func(*websocket.Config, *http.Request) error { return nil }, // origins are checked in serveWS
-		Handler:   s.serveClient,
+		Handshake: func(c *websocket.Config, _ *http.Request) error {
+			c.Protocol = nil // no subprotocols; origins are checked in serveWS
+			return nil
+		},
+		Handler: s.serveClient,
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		s.cors(w, r)
@@ -1497,7 +1535,7 @@ func (s *Service) cors(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case s.wildcard:
 		h.Set("Access-Control-Allow-Origin", "*")
-	case origin != "" && s.origins[origin]:
+	case origin != "" && s.origins[strings.ToLower(origin)]:
 		h.Set("Access-Control-Allow-Origin", origin)
 		h.Add("Vary", "Origin")
 	default:
@@ -1520,14 +1558,11 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 }
 
 func (s *Service) serveHealth(w http.ResponseWriter) {
-	switch {
-	case !s.connected.Load():
-		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "unavailable", "reason": *s.reason.Load()})
-	case !s.listening.Load():
-		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "unavailable", "reason": "LISTEN has not completed on every channel"})
-	default:
+	if s.connected.Load() && s.listening.Load() {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+		return
 	}
+	writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "unavailable", "reason": *s.reason.Load()})
 }
 
 func (s *Service) serveStats(w http.ResponseWriter) {
@@ -1556,7 +1591,7 @@ func (s *Service) serveWS(w http.ResponseWriter, r *http.Request, ws websocket.S
 		return
 	}
 	// Browsers always send Origin; clients without one (CLIs, scripts) are let in.
-	if origin := r.Header.Get("Origin"); origin != "" && !s.wildcard && !s.origins[origin] {
+	if origin := r.Header.Get("Origin"); origin != "" && !s.wildcard && !s.origins[strings.ToLower(origin)] {
 		writeJSON(w, http.StatusForbidden, map[string]string{"error": "origin not allowed: " + origin})
 		return
 	}
@@ -1890,7 +1925,11 @@ func (s *Service) shutdown(srv *http.Server, l Listener, listenerDone <-chan str
 	select {
 	case <-closed:
 	case <-ctx.Done():
-		s.log.Warn("database listener did not close in time")
+		select {
+		case <-closed:
+		case <-time.After(10 * time.Millisecond): // the budget may have gone on clients; Close is quick
+			s.log.Warn("database listener did not close in time")
+		}
 	}
 	s.log.Info("stopped")
 }

@@ -39,12 +39,13 @@ import (
 
 // fakeListener stands in for pq.Listener: tests push notifications with notify.
 type fakeListener struct {
-	ch       chan *pq.Notification
-	mu       sync.Mutex
-	channels []string // LISTENed, in order; guarded by mu
-	closed   bool     // guarded by mu
-	pingHang chan struct{}
-	resets   atomic.Int32
+	ch         chan *pq.Notification
+	mu         sync.Mutex
+	channels   []string // LISTENed, in order; guarded by mu
+	listenErrs int      // Listen fails this many times first; guarded by mu
+	closed     bool     // guarded by mu
+	pingHang   chan struct{}
+	resets     atomic.Int32
 }
 
 func newFakeListener() *fakeListener {
@@ -54,6 +55,10 @@ func newFakeListener() *fakeListener {
 func (f *fakeListener) Listen(channel string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.listenErrs > 0 {
+		f.listenErrs--
+		return errors.New("pq: cannot execute LISTEN during recovery")
+	}
 	f.channels = append(f.channels, channel)
 	return nil
 }
@@ -1454,6 +1459,9 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"env: bad log level", "", []string{"ATTUNE__LOG__LEVEL=verbose"}, []string{"ATTUNE__LOG__LEVEL", "log.level"}},
 		{"env overrides a good file value with a bad one", "notifier:\n  port: 8081\n", []string{"ATTUNE__NOTIFIER__PORT=0"}, []string{"ATTUNE__NOTIFIER__PORT", "notifier.port"}},
 		{"reconnect interval inverted", "database:\n  reconnect_min_interval: 1m\n  reconnect_max_interval: 1s\n", nil, []string{"config.yaml:3:", "database.reconnect_max_interval"}},
+		{"key set twice", "notifier:\n  port: 1\nlog:\n  level: info\nnotifier:\n  host: x\n", nil, []string{"config.yaml:5:", "notifier", "set twice (first at line 1)"}},
+		{"origin with a path", "notifier:\n  allowed_origins: [https://app.example.com/ui]\n", nil, []string{"notifier.allowed_origins", "not an origin"}},
+		{"origin without scheme", "", []string{"ATTUNE__NOTIFIER__ALLOWED_ORIGINS=app.example.com"}, []string{"ATTUNE__NOTIFIER__ALLOWED_ORIGINS", "not an origin"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -3496,5 +3504,49 @@ func TestProtocolErrorGetsOneCloseFrame(t *testing.T) {
 	}
 	if len(closes) != 1 || closes[0] != 1002 {
 		t.Fatalf("close frames %v, want exactly one 1002", closes)
+	}
+}
+
+// TestOriginsAreComparedAsBrowsersSendThem: a configured origin with a
+// trailing slash or capitals still admits the browser's Origin header.
+func TestOriginsAreComparedAsBrowsersSendThem(t *testing.T) {
+	h := newHarness(t, func(c *Config) { c.Notifier.AllowedOrigins = []string{"https://App.Example.com/"} })
+	_, resp := dialRaw(t, h.wsURL(), http.Header{"Origin": {"https://app.example.com"}})
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("allowed origin: status %d, want 101", resp.StatusCode)
+	}
+	_, resp = dialRaw(t, h.wsURL(), http.Header{"Origin": {"https://evil.example.com"}})
+	if resp.StatusCode != http.StatusForbidden {
+		t.Fatalf("other origin: status %d, want 403", resp.StatusCode)
+	}
+}
+
+// TestListenRefusedIsRetriedAndShown: a LISTEN the server refuses is retried,
+// and /health says why it is not ready meanwhile.
+func TestListenRefusedIsRetriedAndShown(t *testing.T) {
+	cfg := testConfig()
+	cfg.Database.ReconnectMaxInterval = 300 * time.Millisecond
+	svc := newService(cfg, slog.New(slog.DiscardHandler))
+	l := newFakeListener()
+	l.listenErrs = 2
+	svc.onListenerEvent(pq.ListenerEventConnected, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); svc.runListener(ctx, l) }()
+	t.Cleanup(func() { cancel(); l.Close(); <-done })
+	s := serve(t, svc)
+	waitFor(t, "the LISTEN error in /health", func() bool {
+		code, m := getJSON(t, s.srv.URL+"/health")
+		reason, _ := m["reason"].(string)
+		return code == http.StatusServiceUnavailable && strings.Contains(reason, "LISTEN") && strings.Contains(reason, "recovery")
+	})
+	waitFor(t, "/health 200 after the retries", func() bool {
+		code, _ := getJSON(t, s.srv.URL+"/health")
+		return code == http.StatusOK
+	})
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if got := len(l.channels); got != len(cfg.Notifier.Channels) {
+		t.Fatalf("LISTENed %d channels, want %d", got, len(cfg.Notifier.Channels))
 	}
 }
